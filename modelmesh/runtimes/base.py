@@ -1,0 +1,45 @@
+"""The runtime interface: how the mesh loads, measures, runs and unloads a model.
+
+A ``Runtime`` knows one model format. Its methods are synchronous and may be
+slow; the cache calls them off the event loop (in a thread pool). A
+``LoadedModel`` is one model in memory; ``predict`` may be called from several
+threads at once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from modelmesh.tensor import ModelSignature, Parameters, Tensor
+
+
+class LoadedModel(ABC):
+    """A model resident in memory, ready to serve."""
+
+    #: Bytes this model occupies once loaded (measured after load).
+    size_bytes: int
+    #: Declared inputs and outputs, for ModelMetadata.
+    signature: ModelSignature
+
+    @abstractmethod
+    def predict(self, inputs: list[Tensor], parameters: Parameters) -> list[Tensor]:
+        """Run inference. Raise ``modelmesh.errors.InvalidArgument`` for bad inputs."""
+
+    def unload(self) -> None:  # noqa: B027 - optional hook
+        """Release resources held outside the Python heap (sessions, boosters)."""
+
+
+class Runtime(ABC):
+    """A model format (sklearn, xgboost, ...)."""
+
+    #: The model type users register (``--type``).
+    model_type: str
+
+    @abstractmethod
+    def predict_size(self, path: Path) -> int:
+        """Estimate the loaded size in bytes before loading (cheap: file sizes)."""
+
+    @abstractmethod
+    def load(self, path: Path, model_id: str) -> LoadedModel:
+        """Load the model at ``path``; raise an exception with a clear reason on failure."""
