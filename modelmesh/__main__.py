@@ -1,0 +1,5 @@
+import sys
+
+from modelmesh.cli import main
+
+sys.exit(main())

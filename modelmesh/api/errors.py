@@ -1,0 +1,60 @@
+"""Turning exceptions into gRPC statuses, in one place for every servicer."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from modelmesh.errors import MeshError, status_for
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def grpc_errors(method: str, histogram: Any = None) -> Callable[[F], F]:
+    """Decorate an async servicer method: map errors to statuses, time the call.
+
+    ``histogram`` is an attribute name on ``self.metrics`` with labels
+    (method, code), or None.
+    """
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                return await fn(self, request, context)
+            except MeshError as exc:
+                code = exc.code.name
+                await context.abort(exc.code, exc.message)
+            except grpc.aio.AbortError:
+                code = "ABORTED_BY_HANDLER"
+                raise
+            except Exception as exc:  # last resort: never crash the server on one request
+                status, message = status_for(exc)
+                code = status.name
+                log.exception("%s failed unexpectedly", method)
+                await context.abort(status, message)
+            finally:
+                if histogram is not None:
+                    getattr(self.metrics, histogram).labels(method, code).observe(
+                        (time.perf_counter() - start) * 1000
+                    )
+
+        return handler  # type: ignore[return-value]
+
+    return wrap
+
+
+def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode()
+    return ""

@@ -1,0 +1,329 @@
+"""The models loaded on this instance: a byte-capacity LRU with single-flight loads.
+
+Rules the cache keeps:
+- every model is loaded at most once however many requests arrive while it loads
+  (they all wait on the same load);
+- at most ``max_concurrent_loads`` loads run at a time;
+- the bytes of loaded and loading models never exceed ``capacity_bytes``; room is
+  made by evicting the least recently used models that no request is using;
+- a model in use is never evicted; a load that needs their bytes waits for them;
+- a failed load is remembered for ``failure_ttl`` seconds: requests in that window
+  get the failure at once instead of retrying the load in a tight loop.
+
+Loading and unloading run in a thread pool; the event loop only does bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+from modelmesh.errors import CapacityExceeded, MeshError, ModelLoadFailed
+from modelmesh.registry.records import ModelRecord
+from modelmesh.runtimes.base import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoader(Protocol):
+    """Turns a registration into a model in memory (sync; called off the event loop)."""
+
+    def predict_size(self, record: ModelRecord) -> int: ...
+
+    def load(self, record: ModelRecord) -> LoadedModel: ...
+
+
+class EntryState(Enum):
+    LOADING = "LOADING"
+    LOADED = "LOADED"
+    FAILED = "FAILED"
+
+
+class CacheEntry:
+    """One model's slot in the cache (mutable; owned by the cache)."""
+
+    __slots__ = (
+        "model_id", "state", "size", "model", "ready", "in_use", "last_used",
+        "error", "failed_until", "load_ms", "unload_requested",
+    )
+
+    def __init__(self, model_id: str, ready: asyncio.Future[None]) -> None:
+        self.model_id = model_id
+        self.state = EntryState.LOADING
+        self.size = 0
+        self.model: LoadedModel | None = None
+        self.ready = ready
+        self.in_use = 0
+        self.last_used = time.monotonic()
+        self.error = ""
+        self.failed_until = 0.0
+        self.load_ms = 0.0
+        self.unload_requested = False
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEvent:
+    """What the cache tells the rest of the instance (copy records, metrics, logs)."""
+
+    kind: str  # "loading" | "loaded" | "failed" | "unloaded"
+    model_id: str
+    size_bytes: int = 0
+    load_ms: float = 0.0
+    error: str = ""
+    reason: str = ""  # for "unloaded": "evicted" | "unregistered" | "shutdown"
+
+
+class ModelCache:
+    """Models resident on this instance, within ``capacity_bytes``."""
+
+    def __init__(
+        self,
+        capacity_bytes: int,
+        loader: ModelLoader,
+        *,
+        max_concurrent_loads: int = 2,
+        failure_ttl: float = 30.0,
+        space_wait: float = 30.0,
+        on_event: Callable[[CacheEvent], None] | None = None,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.loader = loader
+        self.failure_ttl = failure_ttl
+        self.space_wait = space_wait
+        self._on_event = on_event or (lambda _ev: None)
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()  # LRU order: oldest first
+        self._used = 0
+        self._load_slots = asyncio.Semaphore(max_concurrent_loads)
+        self._space_freed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(
+            max_workers=max(2, max_concurrent_loads), thread_name_prefix="mm-load"
+        )
+        self.loads = 0
+        self.evictions = 0
+
+    # -- queries ----------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    @property
+    def loaded_count(self) -> int:
+        return sum(1 for e in self._entries.values() if e.state is EntryState.LOADED)
+
+    @property
+    def loading_count(self) -> int:
+        return sum(1 for e in self._entries.values() if e.state is EntryState.LOADING)
+
+    def get(self, model_id: str) -> CacheEntry | None:
+        return self._entries.get(model_id)
+
+    def is_loaded(self, model_id: str) -> bool:
+        entry = self._entries.get(model_id)
+        return entry is not None and entry.state is EntryState.LOADED
+
+    def entries(self) -> list[CacheEntry]:
+        return list(self._entries.values())
+
+    def lru_time(self) -> float:
+        """Monotonic last-use time of the least recently used loaded model (0 if none)."""
+        for entry in self._entries.values():
+            if entry.state is EntryState.LOADED:
+                return entry.last_used
+        return 0.0
+
+    # -- use ----------------------------------------------------------------------
+
+    async def acquire(self, record: ModelRecord) -> CacheEntry:
+        """Return the loaded entry for ``record``, loading it first if needed.
+
+        The caller must call ``release(entry)`` when done; until then the model
+        cannot be evicted.
+        """
+        model_id = record.model_id
+        while True:
+            entry = self._entries.get(model_id)
+            if entry is None:
+                entry = self._start_load(record)
+            if entry.state is EntryState.LOADED:
+                entry.in_use += 1
+                entry.last_used = time.monotonic()
+                self._entries.move_to_end(model_id)
+                return entry
+            if entry.state is EntryState.LOADING:
+                await asyncio.shield(entry.ready)
+                continue
+            # FAILED
+            if time.monotonic() < entry.failed_until:
+                raise ModelLoadFailed(model_id, entry.error)
+            del self._entries[model_id]
+
+    def release(self, entry: CacheEntry) -> None:
+        entry.in_use -= 1
+        if entry.in_use == 0:
+            if entry.unload_requested:
+                self._drop(entry, "unregistered")
+            self._space_freed.set()
+
+    def ensure_loading(self, record: ModelRecord) -> CacheEntry:
+        """Start loading ``record`` if it is not here yet, without waiting."""
+        entry = self._entries.get(record.model_id)
+        if entry is None or (
+            entry.state is EntryState.FAILED and time.monotonic() >= entry.failed_until
+        ):
+            self._entries.pop(record.model_id, None)
+            entry = self._start_load(record)
+        return entry
+
+    # -- loading ------------------------------------------------------------------
+
+    def _start_load(self, record: ModelRecord) -> CacheEntry:
+        loop = asyncio.get_running_loop()
+        entry = CacheEntry(record.model_id, loop.create_future())
+        self._entries[record.model_id] = entry
+        task = loop.create_task(self._load(entry, record), name=f"load:{record.model_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return entry
+
+    async def _load(self, entry: CacheEntry, record: ModelRecord) -> None:
+        loop = asyncio.get_running_loop()
+        model: LoadedModel | None = None
+        try:
+            async with self._load_slots:
+                if entry.unload_requested:
+                    raise ModelLoadFailed(record.model_id, "unregistered while queued to load")
+                self._on_event(CacheEvent("loading", record.model_id))
+                started = time.perf_counter()
+                predicted = record.size_estimate or await loop.run_in_executor(
+                    self._executor, self.loader.predict_size, record
+                )
+                if predicted > self.capacity_bytes:
+                    raise CapacityExceeded(
+                        f"model '{record.model_id}' needs about {predicted} bytes, more than "
+                        f"this instance's capacity of {self.capacity_bytes} bytes"
+                    )
+                await self._make_room(predicted, entry)
+                self._resize(entry, predicted)
+                model = await loop.run_in_executor(self._executor, self.loader.load, record)
+                self._resize(entry, max(int(model.size_bytes), 1))
+                if self._used > self.capacity_bytes:
+                    # The measured size exceeded the prediction: make room after the fact.
+                    self._evict_for(self._used - self.capacity_bytes, entry)
+                entry.model = model
+                entry.load_ms = (time.perf_counter() - started) * 1000
+                entry.state = EntryState.LOADED
+                entry.last_used = time.monotonic()
+                self.loads += 1
+                if entry.unload_requested:
+                    self._drop(entry, "unregistered")
+                else:
+                    self._entries.move_to_end(record.model_id)
+                log.info("model loaded: %s (%d bytes, %.0f ms)", record.model_id, entry.size,
+                         entry.load_ms)
+                self._on_event(CacheEvent("loaded", record.model_id, entry.size, entry.load_ms))
+        except Exception as exc:  # any load failure becomes the model's recorded failure
+            reason = exc.reason if isinstance(exc, ModelLoadFailed) else (
+                exc.message if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
+            )
+            self._resize(entry, 0)
+            entry.state = EntryState.FAILED
+            entry.error = reason
+            entry.failed_until = time.monotonic() + self.failure_ttl
+            if model is not None:
+                await loop.run_in_executor(self._executor, model.unload)
+            if entry.unload_requested and self._entries.get(entry.model_id) is entry:
+                del self._entries[entry.model_id]
+            log.warning("model failed to load: %s: %s", record.model_id, reason)
+            self._on_event(CacheEvent("failed", record.model_id, error=reason))
+        finally:
+            if not entry.ready.done():
+                entry.ready.set_result(None)
+
+    def _resize(self, entry: CacheEntry, size: int) -> None:
+        self._used += size - entry.size
+        entry.size = size
+
+    async def _make_room(self, needed: int, loading: CacheEntry) -> None:
+        """Evict until ``needed`` more bytes fit; wait for in-use models if needed."""
+        deadline = time.monotonic() + self.space_wait
+        while True:
+            shortfall = self._used + needed - self.capacity_bytes
+            if shortfall <= 0:
+                return
+            freed = self._evict_for(shortfall, loading)
+            if freed >= shortfall:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CapacityExceeded(
+                    f"no room to load '{loading.model_id}' ({needed} bytes): the other "
+                    f"{self._used} bytes are in use or loading"
+                )
+            self._space_freed.clear()
+            try:
+                await asyncio.wait_for(self._space_freed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    def _evict_for(self, needed: int, keep: CacheEntry) -> int:
+        """Evict idle loaded models, least recently used first, until ``needed`` bytes free."""
+        freed = 0
+        for entry in list(self._entries.values()):
+            if freed >= needed:
+                break
+            if entry is keep or entry.state is not EntryState.LOADED or entry.in_use:
+                continue
+            freed += entry.size
+            self.evictions += 1
+            self._drop(entry, "evicted")
+        return freed
+
+    def _drop(self, entry: CacheEntry, reason: str) -> None:
+        """Remove a loaded model now and release its resources in the background."""
+        if self._entries.get(entry.model_id) is entry:
+            del self._entries[entry.model_id]
+        self._resize(entry, 0)
+        model, entry.model = entry.model, None
+        if model is not None:
+            self._executor.submit(model.unload)
+        log.info("model unloaded: %s (%s)", entry.model_id, reason)
+        self._on_event(CacheEvent("unloaded", entry.model_id, reason=reason))
+
+    # -- unloading ----------------------------------------------------------------
+
+    def unload(self, model_id: str, reason: str = "unregistered") -> bool:
+        """Unload ``model_id`` now, or as soon as its in-flight requests finish."""
+        entry = self._entries.get(model_id)
+        if entry is None:
+            return False
+        if entry.state is EntryState.LOADED and entry.in_use == 0:
+            self._drop(entry, reason)
+        elif entry.state is EntryState.FAILED:
+            del self._entries[model_id]
+        else:
+            entry.unload_requested = True
+        return True
+
+    async def close(self) -> None:
+        """Cancel pending loads and unload everything."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for entry in list(self._entries.values()):
+            if entry.state is EntryState.LOADED:
+                self._drop(entry, "shutdown")
+        self._entries.clear()
+        if self._own_executor:
+            self._executor.shutdown(wait=True)

@@ -1,0 +1,289 @@
+"""The ``modelmesh`` command: serve, register, unregister, status, list, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+DEFAULT_ENDPOINT = "localhost:8033"
+
+
+# -- serve ----------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from modelmesh.instance import MeshInstance
+    from modelmesh.settings import from_sources
+
+    try:
+        settings = from_sources(args)
+    except ValueError as exc:
+        print(f"modelmesh serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aetcd").setLevel(logging.WARNING)
+
+    async def main() -> int:
+        instance = MeshInstance(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await instance.start()
+        except (RuntimeError, FileNotFoundError, TimeoutError, OSError) as exc:
+            print(f"modelmesh serve: {exc}", file=sys.stderr)
+            return 1
+        print(f"modelmesh: instance {instance.instance_id} ready on port {instance.port}"
+              f" (metrics port {instance.metrics_port})", flush=True)
+        await stop.wait()
+        await instance.stop()
+        return 0
+
+    return asyncio.run(main())
+
+
+# -- client commands -------------------------------------------------------------------
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    return grpc.insecure_channel(args.endpoint)
+
+
+def _mesh_stub(args: argparse.Namespace):
+    from modelmesh._proto.mmesh import model_mesh_pb2_grpc
+
+    return model_mesh_pb2_grpc.ModelMeshStub(_channel(args))
+
+
+def _fail(exc: grpc.RpcError) -> int:
+    print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    return 1
+
+
+def _status_json(info) -> str:
+    from google.protobuf import json_format
+
+    return json_format.MessageToJson(info, always_print_fields_with_no_presence=True)
+
+
+def _register(args: argparse.Namespace) -> int:
+    from modelmesh._proto.mmesh import model_mesh_pb2 as mm
+
+    if args.from_file:
+        return _register_bulk(args)
+    if not (args.model_id and args.type and args.path):
+        print("error: register needs MODEL_ID --type T --path P (or --from-file F)",
+              file=sys.stderr)
+        return 2
+    stub = _mesh_stub(args)
+    req = mm.RegisterModelRequest(
+        modelId=args.model_id, modelInfo=mm.ModelInfo(type=args.type, path=args.path,
+                                                      key=args.key or ""),
+        loadNow=args.load_now, sync=args.sync,
+    )
+    metadata = [("mm-replace", "true")] if args.replace else []
+    try:
+        info = stub.registerModel(req, metadata=metadata, timeout=args.timeout)
+    except grpc.RpcError as exc:
+        return _fail(exc)
+    status = mm.ModelStatusInfo.ModelStatus.Name(info.status)
+    print(f"{args.model_id}: {status}" + (f" ({'; '.join(info.errors)})" if info.errors else ""))
+    return 0
+
+
+def _register_bulk(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from modelmesh._proto.mmesh import mesh_extensions_pb2 as ext
+    from modelmesh._proto.mmesh import mesh_extensions_pb2_grpc as ext_grpc
+    from modelmesh._proto.mmesh import model_mesh_pb2 as mm
+
+    rows: list[tuple[str, str, str]] = []
+    try:
+        with open(args.from_file, newline="") as fh:
+            for lineno, row in enumerate(csv.reader(fh), 1):
+                if not row or row[0].startswith("#") or (lineno == 1 and row[0] == "model_id"):
+                    continue
+                if len(row) != 3 or not all(c.strip() for c in row):
+                    print(f"error: {args.from_file}:{lineno}: expected model_id,type,path",
+                          file=sys.stderr)
+                    return 2
+                rows.append((row[0].strip(), row[1].strip(), row[2].strip()))
+    except OSError as exc:
+        print(f"error: cannot read {args.from_file}: {exc}", file=sys.stderr)
+        return 2
+    stub = ext_grpc.ModelMeshExtensionsStub(_channel(args))
+    failed = 0
+    batch = 500
+    with tqdm(total=len(rows), unit="model", disable=args.quiet) as bar:
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            req = ext.RegisterModelsRequest(
+                requests=[mm.RegisterModelRequest(
+                    modelId=m, modelInfo=mm.ModelInfo(type=t, path=p), loadNow=args.load_now)
+                    for m, t, p in chunk],
+                replace=args.replace,
+            )
+            try:
+                resp = stub.registerModels(req, timeout=args.timeout)
+            except grpc.RpcError as exc:
+                return _fail(exc)
+            for res in resp.results:
+                if res.code:
+                    failed += 1
+                    tqdm.write(f"{res.modelId}: {grpc.StatusCode(_code(res.code)).name}: "
+                               f"{res.message}", file=sys.stderr)
+            bar.update(len(chunk))
+    print(f"registered {len(rows) - failed} of {len(rows)} models")
+    return 1 if failed else 0
+
+
+def _code(number: int) -> tuple[int, str]:
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code.value
+    return grpc.StatusCode.UNKNOWN.value
+
+
+def _unregister(args: argparse.Namespace) -> int:
+    from modelmesh._proto.mmesh import model_mesh_pb2 as mm
+
+    try:
+        _mesh_stub(args).unregisterModel(mm.UnregisterModelRequest(modelId=args.model_id),
+                                         timeout=args.timeout)
+    except grpc.RpcError as exc:
+        return _fail(exc)
+    print(f"{args.model_id}: unregistered")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from modelmesh._proto.mmesh import model_mesh_pb2 as mm
+
+    try:
+        info = _mesh_stub(args).getModelStatus(mm.GetStatusRequest(modelId=args.model_id),
+                                               timeout=args.timeout)
+    except grpc.RpcError as exc:
+        return _fail(exc)
+    if args.json:
+        print(_status_json(info))
+    else:
+        print(f"{args.model_id}: {mm.ModelStatusInfo.ModelStatus.Name(info.status)}")
+        for err in info.errors:
+            print(f"  error: {err}")
+        for c in info.modelCopyInfos:
+            print(f"  copy on {c.location}: {mm.ModelStatusInfo.ModelStatus.Name(c.copyStatus)}")
+    return 0 if info.status != mm.ModelStatusInfo.NOT_FOUND else 1
+
+
+def _list(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    from modelmesh._proto.mmesh import mesh_extensions_pb2 as ext
+    from modelmesh._proto.mmesh import mesh_extensions_pb2_grpc as ext_grpc
+
+    stub = ext_grpc.ModelMeshExtensionsStub(_channel(args))
+    token = ""
+    items = []
+    try:
+        while True:
+            resp = stub.listModels(ext.ListModelsRequest(
+                page_size=1000, page_token=token, prefix=args.prefix or "",
+                include_status=args.status), timeout=args.timeout)
+            items.extend(resp.models)
+            token = resp.next_page_token
+            if not token:
+                break
+    except grpc.RpcError as exc:
+        return _fail(exc)
+    if args.json:
+        print(json.dumps([json_format.MessageToDict(m) for m in items], indent=2))
+    else:
+        for m in items:
+            print(f"{m.modelId}\t{m.modelInfo.type}\t{m.modelInfo.path}")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from simulations.cli import main as simulate_main
+
+    return simulate_main([args.config, "--out", args.out, *args.extra])
+
+
+# -- parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from modelmesh.settings import add_arguments
+
+    parser = argparse.ArgumentParser(prog="modelmesh", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run a mesh instance")
+    add_arguments(p)
+    p.set_defaults(func=_serve)
+
+    def client(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--endpoint", default=os.environ.get("MM_ENDPOINT", DEFAULT_ENDPOINT),
+                       help="HOST:PORT of any mesh instance [MM_ENDPOINT]")
+        c.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
+        return c
+
+    p = client("register", "register a model (or many with --from-file)")
+    p.add_argument("model_id", nargs="?")
+    p.add_argument("--type", help="sklearn, xgboost, lightgbm, onnx, identity")
+    p.add_argument("--path", help="model file, relative to the models root")
+    p.add_argument("--key", help="storage key")
+    p.add_argument("--load-now", action="store_true", help="start loading right away")
+    p.add_argument("--sync", action="store_true", help="with --load-now: wait for the load")
+    p.add_argument("--replace", action="store_true",
+                   help="replace an existing registration with a different definition")
+    p.add_argument("--from-file", help="CSV of model_id,type,path to register in bulk")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_register)
+
+    p = client("unregister", "unregister a model")
+    p.add_argument("model_id")
+    p.set_defaults(func=_unregister)
+
+    p = client("status", "show a model's status")
+    p.add_argument("model_id")
+    p.add_argument("--json", action="store_true", help="ModelStatusInfo as protobuf JSON")
+    p.set_defaults(func=_status)
+
+    p = client("list", "list registered models")
+    p.add_argument("--prefix", help="only ids starting with this")
+    p.add_argument("--status", action="store_true", help="include each model's status")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_list)
+
+    p = sub.add_parser("simulate", help="run the placement simulator on a YAML config")
+    p.add_argument("config")
+    p.add_argument("--out", required=True, help="directory for results and plots")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The one data plane: every transport (V2 gRPC now, REST later) calls into this.
+
+It resolves a model name to a registered model, makes sure the model is loaded
+(through the cache), runs it off the event loop and keeps per-model statistics.
+It knows V2 messages (they are the protocol) but nothing of gRPC servicers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from tritonclient.grpc import service_pb2 as pb
+
+from modelmesh import codec
+from modelmesh.cache.local import CacheEntry, ModelCache
+from modelmesh.errors import MeshError, ModelNotFound, Unavailable
+from modelmesh.metrics import Metrics
+from modelmesh.registry.records import ModelRecord
+from modelmesh.registry.store import Registry
+from modelmesh.tensor import Parameters, Tensor
+
+
+@dataclass(slots=True)
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += ns
+
+
+@dataclass(slots=True)
+class ModelStats:
+    """Counters behind ModelStatistics, for one model on this instance."""
+
+    last_inference_ms: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    cache_hit: Duration = field(default_factory=Duration)
+    cache_miss: Duration = field(default_factory=Duration)
+
+
+def _run_model(
+    entry: CacheEntry,
+    inputs: list[Tensor],
+    params: Parameters,
+    requested: list[str],
+    response: pb.ModelInferResponse,
+) -> int:
+    """Runs in an inference thread: predict and encode. Returns compute ns."""
+    start = time.perf_counter_ns()
+    model = entry.model
+    if model is None:  # unloaded between acquire and now: cannot happen while in use
+        raise Unavailable(f"model '{entry.model_id}' was unloaded")
+    outputs = model.predict(inputs, params)
+    elapsed = time.perf_counter_ns() - start
+    codec.encode_outputs(outputs, requested, response)
+    return elapsed
+
+
+class DataPlane:
+    """Inference and model queries for one instance."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        cache: ModelCache,
+        metrics: Metrics,
+        executor: ThreadPoolExecutor,
+        load_timeout: float,
+    ) -> None:
+        self.registry = registry
+        self.cache = cache
+        self.metrics = metrics
+        self.executor = executor
+        self.load_timeout = load_timeout
+        self.stats: dict[str, ModelStats] = {}
+
+    # -- names ----------------------------------------------------------------
+
+    def resolve(self, name: str, model_id: str = "", vmodel_id: str = "") -> str:
+        """The concrete model id for a request.
+
+        ``mm-model-id`` metadata names a model directly, ``mm-vmodel-id`` a
+        vmodel; otherwise the request's ``model_name`` is a vmodel id if one by
+        that name exists, else a model id.
+        """
+        if model_id:
+            return model_id
+        if vmodel_id:
+            vm = self.registry.vmodels.get(vmodel_id)
+            if vm is None:
+                raise ModelNotFound(vmodel_id, what="vmodel")
+            return vm.active_model
+        if not name:
+            raise ModelNotFound("", what="model (empty model_name)")
+        vm = self.registry.vmodels.get(name)
+        return vm.active_model if vm is not None else name
+
+    async def acquire(self, record: ModelRecord, stats: ModelStats | None = None) -> CacheEntry:
+        """The loaded model for ``record``, waiting (bounded) for a load if needed."""
+        entry = self.cache.get(record.model_id)
+        if entry is not None and entry.state.value == "LOADED":
+            start = time.perf_counter_ns()
+            entry = await self.cache.acquire(record)
+            if stats is not None:
+                stats.cache_hit.add(time.perf_counter_ns() - start)
+            return entry
+        start = time.perf_counter_ns()
+        try:
+            entry = await asyncio.wait_for(self.cache.acquire(record), self.load_timeout)
+        except TimeoutError:
+            raise Unavailable(
+                f"model '{record.model_id}' did not load within {self.load_timeout:.0f}s"
+            ) from None
+        waited = time.perf_counter_ns() - start
+        self.metrics.cache_miss_ms.observe(waited / 1e6)
+        if stats is not None:
+            stats.cache_miss.add(waited)
+        return entry
+
+    # -- inference --------------------------------------------------------------
+
+    async def infer(
+        self, request: pb.ModelInferRequest, model_id: str
+    ) -> pb.ModelInferResponse:
+        start = time.perf_counter_ns()
+        record = await self.registry.require_model(model_id)
+        stats = self.stats.get(model_id)
+        if stats is None:
+            stats = self.stats[model_id] = ModelStats()
+        try:
+            inputs = codec.decode_inputs(request)
+            params = codec.params_to_python(request.parameters)
+            requested = [o.name for o in request.outputs]
+            entry = await self.acquire(record, stats)
+            try:
+                response = pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version,
+                    id=request.id,
+                )
+                loop = asyncio.get_running_loop()
+                queued = time.perf_counter_ns()
+                compute_ns = await loop.run_in_executor(
+                    self.executor, _run_model, entry, inputs, params, requested, response
+                )
+                stats.queue.add(max(time.perf_counter_ns() - queued - compute_ns, 0))
+                stats.compute_infer.add(compute_ns)
+                self.metrics.invoke_model_ms.labels("ModelInfer", "OK").observe(compute_ns / 1e6)
+            finally:
+                self.cache.release(entry)
+        except MeshError:
+            stats.fail.add(time.perf_counter_ns() - start)
+            raise
+        stats.success.add(time.perf_counter_ns() - start)
+        stats.inference_count += max(len(inputs[0].data) if inputs and inputs[0].data.ndim else 1, 1)
+        stats.execution_count += 1
+        stats.last_inference_ms = int(time.time() * 1000)
+        return response
+
+    # -- queries ----------------------------------------------------------------
+
+    def is_ready(self, model_id: str) -> bool:
+        return self.cache.is_loaded(model_id)
+
+    async def signature(self, model_id: str):  # -> ModelSignature
+        """The model's declared inputs and outputs (loads the model if needed)."""
+        record = await self.registry.require_model(model_id)
+        entry = await self.acquire(record)
+        try:
+            assert entry.model is not None
+            return record, entry.model.signature
+        finally:
+            self.cache.release(entry)

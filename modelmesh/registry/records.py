@@ -1,0 +1,130 @@
+"""The records kept in etcd, one frozen dataclass per table, stored as compact JSON.
+
+Unknown JSON fields are ignored on read and defaults fill missing ones, so a
+newer instance can add fields without breaking an older one during an upgrade.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
+from typing import Any, Self
+
+
+class CopyState(str, Enum):
+    LOADING = "LOADING"
+    LOADED = "LOADED"
+    FAILED = "FAILED"
+
+
+class VModelState(str, Enum):
+    """Mirrors ModelMesh's VModelStatusInfo.VModelStatus names."""
+
+    DEFINED = "DEFINED"  # active model set and loaded (or loadable)
+    TRANSITIONING = "TRANSITIONING"  # target differs from active and is loading
+    TRANSITION_FAILED = "TRANSITION_FAILED"  # the target failed to load
+
+
+class _Record:
+    """JSON (de)serialisation shared by the record dataclasses."""
+
+    def to_json(self) -> bytes:
+        data = {k: v for k, v in asdict(self).items() if v not in (None, "", {}, [])}  # type: ignore[call-overload]
+        for k, v in data.items():
+            if isinstance(v, Enum):
+                data[k] = v.value
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, **keys: Any) -> Self:
+        data = json.loads(raw)
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs.update(keys)
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord(_Record):
+    """A registered model (etcd ``models/<model_id>``)."""
+
+    model_id: str
+    model_type: str
+    path: str
+    storage_key: str = ""
+    schema_path: str = ""
+    size_estimate: int = 0  # bytes, from the runtime's prediction or a measured load
+    created_ms: int = 0
+    last_used_ms: int = 0
+    auto_delete: bool = False  # owned by a vmodel: deleted when no longer referenced
+    min_copies: int = 0
+    max_copies: int = 0  # 0 = no limit
+
+    def same_definition(self, other: ModelRecord) -> bool:
+        """Whether two registrations describe the same model (type, location, key)."""
+        return (self.model_type, self.path, self.storage_key, self.schema_path) == (
+            other.model_type, other.path, other.storage_key, other.schema_path
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class VModelRecord(_Record):
+    """A virtual model: a stable name whose concrete model can change (``vmodels/<id>``)."""
+
+    vmodel_id: str
+    active_model: str
+    target_model: str
+    owner: str = ""
+    state: VModelState = VModelState.DEFINED
+    error: str = ""
+    updated_ms: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", VModelState(self.state))
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord(_Record):
+    """A live mesh instance (``instances/<instance_id>``, bound to its lease)."""
+
+    instance_id: str
+    endpoint: str
+    capacity_bytes: int
+    used_bytes: int = 0
+    model_count: int = 0
+    loading_count: int = 0
+    lru_time_ms: int = 0
+    requests_per_minute: float = 0.0
+    in_flight: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    shutting_down: bool = False
+    version: str = ""
+    started_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CopyRecord(_Record):
+    """A copy of a model on an instance (``copies/<model_id>/<instance_id>``, lease-bound)."""
+
+    model_id: str
+    instance_id: str
+    state: CopyState
+    size_bytes: int = 0
+    load_time_ms: int = 0
+    error: str = ""
+    updated_ms: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", CopyState(self.state))
+
+
+__all__ = [
+    "CopyRecord",
+    "CopyState",
+    "InstanceRecord",
+    "ModelRecord",
+    "VModelRecord",
+    "VModelState",
+    "replace",
+]

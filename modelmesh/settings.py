@@ -1,0 +1,167 @@
+"""One settings object for a mesh instance, from flags and ``MM_*`` environment variables.
+
+``OPTIONS`` is the single table of every setting: the CLI builds its flags from
+it and the README's configuration table is generated from it
+(``python -m modelmesh.settings``). A flag wins over its environment variable,
+which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from modelmesh.units import parse_bytes, parse_duration
+
+
+def _bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _labels(text: str | dict[str, str]) -> dict[str, str]:
+    if isinstance(text, dict):
+        return text
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"label {part!r} is not KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _endpoints(text: str | list[str]) -> list[str]:
+    if isinstance(text, list):
+        return text
+    return [p.strip() for p in str(text).split(",") if p.strip()]
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # attribute on Settings
+    flag: str
+    env: str
+    parse: Callable[[Any], Any]
+    help: str
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("port", "--port", "MM_PORT", int, "gRPC port for V2 inference and management (0 = any free port)"),
+    Option("host", "--host", "MM_HOST", str, "address to listen on"),
+    Option("metrics_port", "--metrics-port", "MM_METRICS_PORT", int, "Prometheus /metrics port (0 = any free port, -1 = off)"),
+    Option("data_dir", "--data-dir", "MM_DATA_DIR", Path, "instance state: embedded etcd data, logs"),
+    Option("capacity", "--capacity", "MM_CAPACITY", parse_bytes, "bytes of model memory this instance may use (suffixes: KiB MiB GiB, KB MB GB)"),
+    Option("models_root", "--models-root", "MM_MODELS_ROOT", Path, "directory model paths are resolved against; paths outside it are refused"),
+    Option("etcd", "--etcd", "MM_ETCD", _endpoints, "etcd endpoints HOST:PORT[,HOST:PORT...]; empty = start an embedded etcd in the data dir"),
+    Option("mesh_name", "--mesh-name", "MM_MESH_NAME", str, "mesh name; the etcd prefix is /modelmesh/<mesh-name>/"),
+    Option("instance_id", "--instance-id", "MM_INSTANCE_ID", str, "this instance's id (default: hostname-port)"),
+    Option("advertise", "--advertise", "MM_ADVERTISE", str, "HOST:PORT other instances use to reach this one (default: the listen address)"),
+    Option("labels", "--labels", "MM_LABELS", _labels, "instance labels KEY=VALUE[,KEY=VALUE...] for placement constraints"),
+    Option("lease_ttl", "--lease-ttl", "MM_LEASE_TTL", parse_duration, "etcd lease TTL of the instance record and its copies (seconds)"),
+    Option("max_concurrent_loads", "--max-concurrent-loads", "MM_MAX_CONCURRENT_LOADS", int, "models loading at the same time"),
+    Option("load_failure_ttl", "--load-failure-ttl", "MM_LOAD_FAILURE_TTL", parse_duration, "how long a failed load is remembered before it is retried"),
+    Option("load_timeout", "--load-timeout", "MM_LOAD_TIMEOUT", parse_duration, "longest a request waits for its model to load (or for room to load it)"),
+    Option("max_message_bytes", "--max-message-bytes", "MM_MAX_MESSAGE_BYTES", parse_bytes, "largest gRPC request or response accepted"),
+    Option("inference_threads", "--inference-threads", "MM_INFERENCE_THREADS", int, "threads running model code (0 = 2 x CPUs)"),
+    Option("demo", "--demo", "MM_DEMO", _bool, "write the demo models into the models root and register them at start-up"),
+    Option("log_level", "--log-level", "MM_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    port: int = 8033
+    host: str = "0.0.0.0"
+    metrics_port: int = 2112
+    data_dir: Path = Path("data")
+    capacity: int = parse_bytes("1GiB")
+    models_root: Path = Path("models")
+    etcd: list[str] = field(default_factory=list)
+    mesh_name: str = "default"
+    instance_id: str = ""
+    advertise: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    lease_ttl: float = 10.0
+    max_concurrent_loads: int = 2
+    load_failure_ttl: float = 30.0
+    load_timeout: float = 120.0
+    max_message_bytes: int = parse_bytes("16MiB")
+    inference_threads: int = 0
+    demo: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def etcd_prefix(self) -> str:
+        return f"/modelmesh/{self.mesh_name}/"
+
+    def resolved_instance_id(self, port: int) -> str:
+        return self.instance_id or f"{socket.gethostname()}-{port}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every option as a flag whose default is 'not given' (env and defaults apply later)."""
+    for opt in OPTIONS:
+        if opt.parse is _bool:
+            parser.add_argument(opt.flag, dest=opt.name, action="store_const", const=True,
+                                default=None, help=f"{opt.help} [{opt.env}]")
+        else:
+            parser.add_argument(opt.flag, dest=opt.name, default=None, help=f"{opt.help} [{opt.env}]")
+
+
+def from_sources(args: argparse.Namespace | None = None,
+                 environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from parsed flags, then MM_* variables, then defaults.
+
+    Raises ValueError naming the flag or variable whose value is invalid.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw = getattr(args, opt.name, None) if args is not None else None
+        source = opt.flag
+        if raw is None and opt.env in environ:
+            raw, source = environ[opt.env], opt.env
+        if raw is None:
+            continue
+        try:
+            values[opt.name] = opt.parse(raw)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{source}: {exc}") from None
+    settings = Settings(**values)
+    if settings.capacity <= 0:
+        raise ValueError("--capacity must be positive")
+    if settings.max_concurrent_loads < 1:
+        raise ValueError("--max-concurrent-loads must be at least 1")
+    return settings
+
+
+def markdown_table() -> str:
+    """The README's configuration table."""
+    defaults = {f.name: f.default for f in fields(Settings)}
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for opt in OPTIONS:
+        default = defaults.get(opt.name)
+        if opt.name == "capacity":
+            default = "1GiB"
+        elif opt.name == "max_message_bytes":
+            default = "16MiB"
+        elif not isinstance(default, int | float | str | Path) or default == "":
+            default = "(empty)" if opt.name != "etcd" else "(embedded)"
+        rows.append(f"| `{opt.flag}` | `{opt.env}` | `{default}` | {opt.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,183 @@
+"""The local cache's rules, with a stand-in loader (no model files, no processes).
+
+``StandInLoader`` is a test double for the real file loader: it fabricates
+models of chosen sizes and counts how often each is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from modelmesh.cache.local import CacheEvent, EntryState, ModelCache
+from modelmesh.errors import CapacityExceeded, ModelLoadFailed
+from modelmesh.registry.records import ModelRecord
+from modelmesh.runtimes.base import LoadedModel
+from modelmesh.tensor import ModelSignature
+
+
+class StandInModel(LoadedModel):
+    def __init__(self, size: int) -> None:
+        self.size_bytes = size
+        self.signature = ModelSignature((), ())
+        self.unloaded = False
+
+    def predict(self, inputs, parameters):
+        return []
+
+    def unload(self) -> None:
+        self.unloaded = True
+
+
+class StandInLoader:
+    def __init__(self, sizes: dict[str, int], delay: float = 0.0, fail: set[str] = frozenset()):
+        self.sizes = sizes
+        self.delay = delay
+        self.fail = set(fail)
+        self.loads: dict[str, int] = {}
+        self.active = 0
+        self.max_active = 0
+        self._lock = threading.Lock()
+        self.models: dict[str, StandInModel] = {}
+
+    def predict_size(self, record: ModelRecord) -> int:
+        return self.sizes[record.model_id]
+
+    def load(self, record: ModelRecord) -> LoadedModel:
+        with self._lock:
+            self.loads[record.model_id] = self.loads.get(record.model_id, 0) + 1
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            time.sleep(self.delay)
+            if record.model_id in self.fail:
+                raise ValueError("corrupt model file")
+            model = StandInModel(self.sizes[record.model_id])
+            self.models[record.model_id] = model
+            return model
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+def rec(model_id: str) -> ModelRecord:
+    return ModelRecord(model_id, "sklearn", f"{model_id}.joblib")
+
+
+async def use(cache: ModelCache, model_id: str) -> None:
+    entry = await cache.acquire(rec(model_id))
+    cache.release(entry)
+
+
+async def test_single_load_for_concurrent_requests() -> None:
+    loader = StandInLoader({"a": 100}, delay=0.2)
+    cache = ModelCache(1000, loader)
+    await asyncio.gather(*(use(cache, "a") for _ in range(50)))
+    assert loader.loads == {"a": 1}
+    assert cache.is_loaded("a") and cache.used_bytes == 100
+    await cache.close()
+
+
+async def test_lru_eviction_keeps_within_capacity() -> None:
+    loader = StandInLoader({m: 400 for m in "abcd"})
+    events: list[CacheEvent] = []
+    cache = ModelCache(1000, loader, on_event=events.append)
+    await use(cache, "a")
+    await use(cache, "b")
+    await use(cache, "a")  # a is now more recent than b
+    await use(cache, "c")  # needs 400 more: b (least recently used) goes
+    assert cache.is_loaded("a") and cache.is_loaded("c") and not cache.is_loaded("b")
+    assert cache.used_bytes == 800 <= cache.capacity_bytes
+    assert [e.model_id for e in events if e.kind == "unloaded"] == ["b"]
+    await asyncio.sleep(0.1)  # unload runs in the loader thread pool
+    assert loader.models["b"].unloaded
+    await cache.close()
+
+
+async def test_model_in_use_is_never_evicted() -> None:
+    loader = StandInLoader({"a": 600, "b": 600})
+    cache = ModelCache(1000, loader, space_wait=5)
+    held = await cache.acquire(rec("a"))
+    load_b = asyncio.create_task(use(cache, "b"))
+    await asyncio.sleep(0.2)
+    assert cache.is_loaded("a") and not load_b.done()  # b waits for a to be released
+    cache.release(held)
+    await asyncio.wait_for(load_b, 5)
+    assert cache.is_loaded("b") and not cache.is_loaded("a")
+    await cache.close()
+
+
+async def test_no_room_while_everything_is_in_use() -> None:
+    loader = StandInLoader({"a": 600, "b": 600})
+    cache = ModelCache(1000, loader, space_wait=0.3)
+    held = await cache.acquire(rec("a"))
+    with pytest.raises(ModelLoadFailed, match="no room"):
+        await use(cache, "b")
+    cache.release(held)
+    await cache.close()
+
+
+async def test_model_larger_than_capacity_fails_clearly() -> None:
+    cache = ModelCache(1000, StandInLoader({"huge": 5000}))
+    with pytest.raises(ModelLoadFailed, match="capacity"):
+        await use(cache, "huge")
+    await cache.close()
+
+
+async def test_failures_are_remembered_until_they_expire() -> None:
+    loader = StandInLoader({"bad": 10}, fail={"bad"})
+    cache = ModelCache(1000, loader, failure_ttl=0.3)
+    for _ in range(5):
+        with pytest.raises(ModelLoadFailed, match="corrupt model file"):
+            await use(cache, "bad")
+    assert loader.loads == {"bad": 1}  # no retry storm
+    assert cache.get("bad").state is EntryState.FAILED
+    await asyncio.sleep(0.35)
+    loader.fail.clear()
+    await use(cache, "bad")  # expired: retried, and now it works
+    assert loader.loads == {"bad": 2} and cache.is_loaded("bad")
+    await cache.close()
+
+
+async def test_concurrent_loads_are_bounded() -> None:
+    loader = StandInLoader({f"m{i}": 10 for i in range(8)}, delay=0.1)
+    cache = ModelCache(10_000, loader, max_concurrent_loads=2)
+    await asyncio.gather(*(use(cache, f"m{i}") for i in range(8)))
+    assert loader.max_active == 2
+    assert cache.loaded_count == 8
+    await cache.close()
+
+
+async def test_unload_waits_for_in_flight_requests() -> None:
+    loader = StandInLoader({"a": 10})
+    cache = ModelCache(1000, loader)
+    held = await cache.acquire(rec("a"))
+    assert cache.unload("a")
+    assert cache.is_loaded("a")  # still serving the in-flight request
+    cache.release(held)
+    assert not cache.is_loaded("a") and cache.used_bytes == 0
+    await cache.close()
+
+
+async def test_measured_size_larger_than_predicted_evicts_others() -> None:
+    loader = StandInLoader({"a": 500, "b": 100})
+    cache = ModelCache(1000, loader)
+    await use(cache, "a")
+    loader.sizes["b"] = 100
+    cache_b_record = rec("b")
+    # predicted 100, but the model turns out to weigh 700
+    loader_load = loader.load
+
+    def heavier(record):
+        model = loader_load(record)
+        model.size_bytes = 700
+        return model
+
+    loader.load = heavier  # type: ignore[method-assign]
+    entry = await cache.acquire(cache_b_record)
+    cache.release(entry)
+    assert cache.used_bytes <= 1000 and not cache.is_loaded("a")
+    await cache.close()
