@@ -160,10 +160,7 @@ class ModelLifecycle:
     ) -> VModelStatus:
         validate_id("vmodel id", vmodel_id)
         validate_id("target model id", target_model)
-        if record is not None:
-            await self.registry.register_model(record)
-        elif await self.registry.get_model(target_model) is None:
-            raise ModelNotFound(target_model)
+        registered = False
         for _ in range(10):
             current = await self.registry.get_vmodel(vmodel_id)
             if current is None:
@@ -201,6 +198,14 @@ class ModelLifecycle:
                         state=VModelState.DEFINED if switch_now else VModelState.TRANSITIONING,
                         updated_ms=now_ms(),
                     )
+            if not registered:
+                # Preconditions hold: only now register the target (a refused request
+                # must leave nothing behind).
+                if record is not None:
+                    await self.registry.register_model(record)
+                elif await self.registry.get_model(target_model) is None:
+                    raise ModelNotFound(target_model)
+                registered = True
             if new is old or await self.registry.put_vmodel(new, expected_rev):
                 break
         else:

@@ -44,6 +44,14 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def demo_models(models_root: Path) -> dict:
+    """The demo models by type (sklearn, xgboost, lightgbm, onnx, identity)."""
+    from modelmesh.demo import write_demo_models
+
+    return {m.model_type: m for m in write_demo_models(models_root)}
+
+
 @dataclass
 class MeshProcess:
     """A `modelmesh serve` child process and how to reach it."""
@@ -109,6 +117,16 @@ class MeshProcess:
 @pytest.fixture
 def mesh_factory(tmp_path: Path, models_root: Path) -> Iterator:
     """Start `modelmesh serve` processes; all are stopped at the end of the test."""
+    yield from _launcher(tmp_path, models_root)
+
+
+@pytest.fixture(scope="module")
+def module_mesh_factory(tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> Iterator:
+    """Like mesh_factory, but the processes live for the whole test module."""
+    yield from _launcher(tmp_path_factory.mktemp("mesh"), models_root)
+
+
+def _launcher(tmp_path: Path, models_root: Path) -> Iterator:
     started: list[MeshProcess] = []
 
     def make(*extra: str, etcd: EmbeddedEtcd | None = None, capacity: str = "256MiB",
