@@ -161,7 +161,9 @@ class DataPlane:
             stats.fail.add(time.perf_counter_ns() - start)
             raise
         stats.success.add(time.perf_counter_ns() - start)
-        stats.inference_count += max(len(inputs[0].data) if inputs and inputs[0].data.ndim else 1, 1)
+        # V2 counts inferences per batch element: the first dimension of the first input.
+        first = inputs[0].data if inputs else None
+        stats.inference_count += int(first.shape[0]) if first is not None and first.ndim else 1
         stats.execution_count += 1
         stats.last_inference_ms = int(time.time() * 1000)
         return response

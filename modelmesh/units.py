@@ -44,7 +44,9 @@ def parse_bytes(text: str | int | float) -> int:
     number, unit = m.groups()
     factor = _BYTE_UNITS.get(unit.lower())
     if factor is None:
-        raise ValueError(f"unknown size unit {unit!r} in {text!r} (use B, KiB, MiB, GiB, KB, MB, GB)")
+        raise ValueError(
+            f"unknown size unit {unit!r} in {text!r} (use B, KiB, MiB, GiB, KB, MB, GB)"
+        )
     return int(float(number) * factor)
 
 

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any, Self
 
 
-class CopyState(str, Enum):
+class CopyState(StrEnum):
     LOADING = "LOADING"
     LOADED = "LOADED"
     FAILED = "FAILED"
 
 
-class VModelState(str, Enum):
+class VModelState(StrEnum):
     """Mirrors ModelMesh's VModelStatusInfo.VModelStatus names."""
 
     DEFINED = "DEFINED"  # active model set and loaded (or loadable)

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from modelmesh.cache.local import CacheEvent, EntryState, ModelCache
-from modelmesh.errors import CapacityExceeded, ModelLoadFailed
+from modelmesh.errors import ModelLoadFailed
 from modelmesh.registry.records import ModelRecord
 from modelmesh.runtimes.base import LoadedModel
 from modelmesh.tensor import ModelSignature

@@ -1,0 +1,152 @@
+"""A diagnostic runtime that returns its inputs: for testing datatypes and parameters.
+
+The model file is a small JSON object. ``{}`` accepts any inputs; an optional
+signature restricts them::
+
+    {"description": "echo",
+     "inputs":  [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+     "outputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]}
+
+``predict`` returns every input unchanged, under the same name and datatype
+(BF16 included) with its parameters, plus an output ``parameters``: BYTES,
+shape ``[1]``, holding the request parameters as JSON (keys sorted). With a
+declared signature, inputs must match it by name, datatype and shape
+(``-1``: any size). Declared outputs default to the inputs.
+
+Size: ``predict_size`` and the measured size are both the file's size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelmesh.codec import DATATYPES
+from modelmesh.errors import InvalidArgument
+from modelmesh.runtimes._model_files import (
+    BadModelFile,
+    load_failures,
+    looks_like,
+    model_file,
+    total_size,
+)
+from modelmesh.runtimes.base import LoadedModel, Runtime
+from modelmesh.tensor import ModelSignature, Parameters, Tensor, TensorSpec
+
+SUFFIXES = (".json",)
+#: Name of the output that carries the request parameters as JSON.
+PARAMETERS_OUTPUT = "parameters"
+_KEYS = {"description", "inputs", "outputs"}
+
+
+class IdentityRuntime(Runtime):
+    model_type = "identity"
+
+    def predict_size(self, path: Path) -> int:
+        return max(1, total_size(path))
+
+    def load(self, path: Path, model_id: str) -> LoadedModel:
+        with load_failures(model_id, self.model_type, path):
+            file = model_file(path, self.model_type, SUFFIXES)
+        with load_failures(model_id, self.model_type, file):
+            raw = file.read_bytes()
+            try:
+                spec = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise BadModelFile(
+                    f"{file.name} is not a JSON identity model description ({exc}); it looks "
+                    f"like {looks_like(raw[:64])}"
+                ) from exc
+            return IdentityModel(model_id, parse_signature(spec, file.name), len(raw))
+
+
+def parse_signature(spec: Any, filename: str) -> ModelSignature:
+    """The signature an identity model file declares (empty inputs: anything goes)."""
+    if not isinstance(spec, dict):
+        raise BadModelFile(f"{filename} must hold a JSON object, not {type(spec).__name__}")
+    extra = set(spec) - _KEYS
+    if extra:
+        raise BadModelFile(
+            f"{filename} has unknown keys {sorted(extra)}; allowed: {sorted(_KEYS)}"
+        )
+    inputs = tuple(_tensor_spec(s, filename) for s in _spec_list(spec, "inputs", filename))
+    if "outputs" in spec:
+        outputs = tuple(_tensor_spec(s, filename) for s in _spec_list(spec, "outputs", filename))
+    else:
+        outputs = inputs
+    if any(s.name == PARAMETERS_OUTPUT for s in inputs + outputs):
+        raise BadModelFile(f"{filename}: the name '{PARAMETERS_OUTPUT}' is reserved")
+    return ModelSignature(inputs, (*outputs, TensorSpec(PARAMETERS_OUTPUT, "BYTES", (1,))))
+
+
+def _spec_list(spec: dict[str, Any], key: str, filename: str) -> list[Any]:
+    value = spec.get(key, [])
+    if not isinstance(value, list):
+        raise BadModelFile(f"{filename}: '{key}' must be a list of tensor specs")
+    return value
+
+
+def _tensor_spec(s: Any, filename: str) -> TensorSpec:
+    try:
+        name, datatype, shape = s["name"], s["datatype"], s["shape"]
+        ok = (
+            isinstance(name, str)
+            and datatype in DATATYPES
+            and all(isinstance(d, int) and d >= -1 for d in shape)
+        )
+    except (TypeError, KeyError):
+        ok = False
+    if not ok:
+        raise BadModelFile(
+            f"{filename}: bad tensor spec {s!r}; expected "
+            f'{{"name": str, "datatype": one of {", ".join(DATATYPES)}, "shape": [int, ...]}}'
+        )
+    return TensorSpec(name, datatype, tuple(shape))
+
+
+class IdentityModel(LoadedModel):
+    def __init__(self, model_id: str, signature: ModelSignature, size: int) -> None:
+        self.model_id = model_id
+        self.signature = signature
+        self.size_bytes = max(1, size)
+
+    def predict(self, inputs: list[Tensor], parameters: Parameters) -> list[Tensor]:
+        for t in inputs:
+            if t.name == PARAMETERS_OUTPUT:
+                raise InvalidArgument(
+                    f"input name '{PARAMETERS_OUTPUT}' is reserved by the identity runtime "
+                    "for the request parameters"
+                )
+        if self.signature.inputs:
+            self._check(inputs)
+        echoed = json.dumps(dict(parameters), sort_keys=True).encode("utf-8")
+        params = np.empty(1, dtype=object)
+        params[0] = echoed
+        return [*inputs, Tensor(PARAMETERS_OUTPUT, "BYTES", params)]
+
+    def _check(self, inputs: list[Tensor]) -> None:
+        given = {t.name: t for t in inputs}
+        declared = {s.name: s for s in self.signature.inputs}
+        if set(given) != set(declared):
+            raise InvalidArgument(
+                f"model '{self.model_id}' takes inputs {', '.join(declared)}; "
+                f"got {', '.join(given) or 'none'}"
+            )
+        for name, spec in declared.items():
+            t = given[name]
+            shape = t.shape
+            if t.datatype != spec.datatype:
+                raise InvalidArgument(
+                    f"input '{name}' has datatype {t.datatype}; model '{self.model_id}' "
+                    f"takes {spec.datatype}"
+                )
+            if len(shape) != len(spec.shape) or any(
+                want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
+            ):
+                raise InvalidArgument(
+                    f"input '{name}' has shape {list(shape)}; model '{self.model_id}' takes "
+                    f"{list(spec.shape)} (-1: any size)"
+                )
