@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import grpc
 from aetcd import rpc
@@ -158,7 +159,7 @@ class EtcdClient:
             await self._channel.close()
             self._channel = None
 
-    async def _call(self, method: str, stub_attr: str, request: object) -> object:
+    async def _call(self, method: str, stub_attr: str, request: object) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         delay = 0.05
@@ -222,7 +223,7 @@ class EtcdClient:
         compare: Sequence[rpc.Compare],
         success: Sequence[rpc.RequestOp] = (),
         failure: Sequence[rpc.RequestOp] = (),
-    ) -> rpc.TxnResponse:
+    ) -> Any:
         req = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
         return await self._call("Txn", "kv", req)
 

@@ -162,6 +162,8 @@ class Registry:
     def _apply(self, raw_key: bytes, value: bytes | None, notify: bool) -> None:
         rel = raw_key[len(self._p):].decode()
         table, _, rest = rel.partition("/")
+        old: Any
+        new: Any
         try:
             if table == MODELS:
                 old = self.models.pop(rest, None)
