@@ -245,8 +245,13 @@ def decode_inputs(request: service_pb2.ModelInferRequest) -> list[Tensor]:
         seen.add(name)
         out.append(
             _decode_tensor(
-                "input", name, tensor.datatype, tensor.shape, tensor.contents,
-                raw[i] if raw else None, tensor.parameters,
+                "input",
+                name,
+                tensor.datatype,
+                tensor.shape,
+                tensor.contents,
+                raw[i] if raw else None,
+                tensor.parameters,
             )
         )
     return out
@@ -262,8 +267,13 @@ def decode_outputs(response: service_pb2.ModelInferResponse) -> list[Tensor]:
         )
     return [
         _decode_tensor(
-            "output", t.name, t.datatype, t.shape, t.contents,
-            raw[i] if raw else None, t.parameters,
+            "output",
+            t.name,
+            t.datatype,
+            t.shape,
+            t.contents,
+            raw[i] if raw else None,
+            t.parameters,
         )
         for i, t in enumerate(response.outputs)
     ]

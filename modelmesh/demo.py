@@ -95,7 +95,11 @@ def _write_lightgbm(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     from lightgbm import LGBMClassifier
 
     model = LGBMClassifier(
-        n_estimators=10, num_leaves=7, random_state=SEED, n_jobs=1, deterministic=True,
+        n_estimators=10,
+        num_leaves=7,
+        random_state=SEED,
+        n_jobs=1,
+        deterministic=True,
         verbose=-1,
     )
     model.fit(x, y).booster_.save_model(path)

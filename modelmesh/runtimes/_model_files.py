@@ -18,8 +18,16 @@ from types import ModuleType
 from modelmesh.errors import ModelLoadFailed
 
 # Magic numbers of the compressors joblib can use (zlib, gzip, bz2, xz, lz4).
-_COMPRESSED = (b"\x78\x01", b"\x78\x5e", b"\x78\x9c", b"\x78\xda", b"\x1f\x8b", b"BZh",
-               b"\xfd7zXZ", b"\x04\x22\x4d\x18")
+_COMPRESSED = (
+    b"\x78\x01",
+    b"\x78\x5e",
+    b"\x78\x9c",
+    b"\x78\xda",
+    b"\x1f\x8b",
+    b"BZh",
+    b"\xfd7zXZ",
+    b"\x04\x22\x4d\x18",
+)
 
 
 class BadModelFile(Exception):

@@ -69,9 +69,7 @@ def parse_signature(spec: Any, filename: str) -> ModelSignature:
         raise BadModelFile(f"{filename} must hold a JSON object, not {type(spec).__name__}")
     extra = set(spec) - _KEYS
     if extra:
-        raise BadModelFile(
-            f"{filename} has unknown keys {sorted(extra)}; allowed: {sorted(_KEYS)}"
-        )
+        raise BadModelFile(f"{filename} has unknown keys {sorted(extra)}; allowed: {sorted(_KEYS)}")
     inputs = tuple(_tensor_spec(s, filename) for s in _spec_list(spec, "inputs", filename))
     if "outputs" in spec:
         outputs = tuple(_tensor_spec(s, filename) for s in _spec_list(spec, "outputs", filename))

@@ -62,30 +62,45 @@ class LightGBMRuntime(Runtime):
                     f"{file.name} is not a LightGBM text model; it looks like "
                     f"{looks_like(raw[:64])}. Is it registered with the wrong model type?"
                 )
-            check_model_text(raw, file.name)
-            text = raw.decode("utf-8")
+            text = safe_model_text(raw, file.name)
             booster = lgb.Booster(model_str=text)
             return LightGBMModel(model_id, booster, objective_of(text), len(raw))
 
 
 _LEAF_ARRAYS = (b"leaf_value", b"leaf_weight", b"leaf_count")
 _SPLIT_ARRAYS = (
-    b"split_feature", b"split_gain", b"threshold", b"decision_type", b"left_child",
-    b"right_child", b"internal_value", b"internal_weight", b"internal_count",
+    b"split_feature",
+    b"split_gain",
+    b"threshold",
+    b"decision_type",
+    b"left_child",
+    b"right_child",
+    b"internal_value",
+    b"internal_weight",
+    b"internal_count",
 )
-# Bytes a number list may hold ("-1.5e-07 inf nan ..."); anything else is corruption.
-_NUMBER_BYTES = b"0123456789+-.eE infatINFAT"
+_REQUIRED = (
+    b"leaf_value",
+    b"split_feature",
+    b"threshold",
+    b"decision_type",
+    b"left_child",
+    b"right_child",
+)
 
 
-def check_model_text(raw: bytes, name: str) -> None:
-    """Check a model file's structure before LightGBM parses it.
+def safe_model_text(raw: bytes, name: str) -> str:
+    """The model text to give LightGBM, after checking what LightGBM does not check.
 
-    LightGBM parses trees in an OpenMP loop and aborts the whole process when a
-    tree is malformed (an error thrown inside a parallel region cannot be
-    caught), so a truncated or damaged file must be refused here: the trees'
-    declared byte sizes, their headers, their array lengths and the characters
-    of their numbers are checked, and the parameters section (which LightGBM
-    reads without bounds checks) must be complete.
+    LightGBM trusts its model files: it parses trees in an OpenMP loop, where
+    an error cannot be caught and aborts the process, indexes features and
+    nodes by the numbers in the file, and reads the ``parameters:`` section
+    with no bounds checks (a damaged one crashes it). So before LightGBM sees
+    a file, this checks the tree section's layout (the declared tree sizes,
+    each tree's header and array lengths, that numbers are numbers, that
+    feature indices and child links are in range), and drops the parameters
+    section, which records the training parameters and plays no part in
+    prediction. Values inside the arrays are otherwise LightGBM's business.
     """
 
     def bad(why: str) -> BadModelFile:
@@ -95,20 +110,16 @@ def check_model_text(raw: bytes, name: str) -> None:
     end = raw.find(b"\nend of trees")
     if first < 0 or end < 0 or end < first:
         raise bad("no complete tree section (is the file truncated?)")
-    params = raw.find(b"\nparameters:", end)
-    if params >= 0 and raw.find(b"\nend of parameters", params) < 0:
-        raise bad("the parameters section is cut short (is the file truncated?)")
-    header = dict(
-        line.split(b"=", 1) for line in raw[:first].splitlines() if b"=" in line
-    )
-    start = first + 1
+    header = dict(line.split(b"=", 1) for line in raw[:first].splitlines() if b"=" in line)
     try:
+        n_features = int(header[b"max_feature_idx"]) + 1
         sizes = [int(n) for n in header.get(b"tree_sizes", b"").split()]
-    except ValueError as exc:
-        raise bad("tree_sizes is not a list of integers") from exc
+    except (KeyError, ValueError) as exc:
+        raise bad("the header lacks a valid max_feature_idx or tree_sizes") from exc
+    start = first + 1
     if b"tree_sizes" in header:
-        if start + sum(sizes) > end + 1:
-            raise bad("tree_sizes adds up past the end of the tree section")
+        if any(size <= 0 for size in sizes) or start + sum(sizes) > end + 1:
+            raise bad("tree_sizes does not match the tree section")
         offsets = [start]
         for size in sizes:
             offsets.append(offsets[-1] + size)
@@ -116,10 +127,18 @@ def check_model_text(raw: bytes, name: str) -> None:
     else:
         blocks = [b"Tree=" + b for b in raw[start + len(b"Tree=") : end].split(b"\nTree=")]
     for i, block in enumerate(blocks):
-        _check_tree(block, i, bad)
+        _check_tree(block, i, n_features, bad)
+
+    params = raw.find(b"\nparameters:", end)
+    if params < 0:
+        return raw.decode("utf-8")
+    params_end = raw.find(b"\nend of parameters\n", params)
+    if params_end < 0:
+        raise bad("the parameters section is cut short (is the file truncated?)")
+    return (raw[: params + 1] + raw[params_end + len(b"\nend of parameters\n") :]).decode("utf-8")
 
 
-def _check_tree(block: bytes, i: int, bad: Callable[[str], BadModelFile]) -> None:
+def _check_tree(block: bytes, i: int, n_features: int, bad: Callable[[str], BadModelFile]) -> None:
     if not block.startswith(b"Tree=%d\n" % i):
         raise bad(f"tree {i} does not start where tree_sizes says")
     fields = dict(line.split(b"=", 1) for line in block.splitlines()[1:] if b"=" in line)
@@ -139,12 +158,44 @@ def _check_tree(block: bytes, i: int, bad: Callable[[str], BadModelFile]) -> Non
     for key, count in expected.items():
         value = fields.get(key)
         if value is None:
-            if key in (b"leaf_value", b"split_feature", b"threshold", b"left_child",
-                       b"right_child", b"decision_type", b"cat_boundaries"):
+            if key in _REQUIRED or key == b"cat_boundaries":
                 raise bad(f"tree {i} has no {key.decode()}")
             continue
-        if len(value.split()) != count or value.translate(None, _NUMBER_BYTES):
+        if leaves == 1 and key != b"leaf_value" and not value.strip():
+            continue  # a single-leaf tree leaves its weight and count arrays empty
+        tokens = value.split()
+        if len(tokens) != count or not _all_numbers(tokens):
             raise bad(f"tree {i} has a malformed {key.decode()}")
+    if leaves == 1:
+        return
+    try:
+        features = [int(v) for v in fields[b"split_feature"].split()]
+        children = [int(v) for v in (fields[b"left_child"] + b" " + fields[b"right_child"]).split()]
+    except ValueError as exc:
+        raise bad(f"tree {i} has a non-integer feature index or child link") from exc
+    if min(features) < 0 or max(features) >= n_features:
+        raise bad(f"tree {i} splits on a feature outside 0..{n_features - 1}")
+    # A child is a node index (0..leaves-2) or ~leaf (-1..-leaves).
+    if min(children) < -leaves or max(children) > leaves - 2:
+        raise bad(f"tree {i} links to a node or leaf that does not exist")
+    if cats > 0:
+        try:
+            bounds = [int(v) for v in fields[b"cat_boundaries"].split()]
+        except ValueError as exc:
+            raise bad(f"tree {i} has a malformed cat_boundaries") from exc
+        words = fields.get(b"cat_threshold", b"").split()
+        if bounds[0] != 0 or bounds != sorted(bounds) or bounds[-1] != len(words):
+            raise bad(f"tree {i} has cat_boundaries that do not match cat_threshold")
+
+
+def _all_numbers(tokens: list[bytes]) -> bool:
+    """Whether every token is a number LightGBM can read (Python's float syntax less '_')."""
+    try:
+        for token in tokens:
+            float(token)
+    except ValueError:
+        return False
+    return not any(b"_" in t for t in tokens)
 
 
 def objective_of(model_text: str) -> str:

@@ -141,8 +141,7 @@ class OnnxModel(LoadedModel):
             if unknown:
                 problems.append(f"unknown {', '.join(unknown)}")
             raise InvalidArgument(
-                f"model '{self.model_id}' takes inputs {', '.join(expected)}: "
-                f"{'; '.join(problems)}"
+                f"model '{self.model_id}' takes inputs {', '.join(expected)}: {'; '.join(problems)}"
             )
         feeds = {s.name: self._feed(s, given[s.name]) for s in self.signature.inputs}
         try:

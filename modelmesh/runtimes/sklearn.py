@@ -83,8 +83,10 @@ class SklearnRuntime(Runtime):
                     f"{file.name} ends before its pickle does (is the file truncated?)"
                 ) from exc
             except ModuleNotFoundError as exc:
+                hint = "; pip install pymodelmesh[sklearn]" if exc.name == "sklearn" else ""
                 raise BadModelFile(
                     f"{file.name} needs the Python module '{exc.name}', which is not installed"
+                    f"{hint}"
                 ) from exc
             if not callable(getattr(estimator, "predict", None)):
                 raise BadModelFile(
@@ -134,9 +136,7 @@ class SklearnModel(LoadedModel):
     def _run(self, x: np.ndarray) -> list[Tensor]:
         outputs = [tabular.output(tabular.PREDICT, self.estimator.predict(x))]
         if self.has_proba:
-            outputs.append(
-                tabular.output(tabular.PREDICT_PROBA, self.estimator.predict_proba(x))
-            )
+            outputs.append(tabular.output(tabular.PREDICT_PROBA, self.estimator.predict_proba(x)))
         return outputs
 
 

@@ -45,9 +45,7 @@ def feature_matrix(inputs: list[Tensor], n_features: int | None, model_id: str) 
             if t.data.ndim == 1 or (t.data.ndim == 2 and t.data.shape[1] == 1):
                 columns.append(t.data.reshape(-1))
                 continue
-            how = (
-                "one input [N, F] or one input per feature column, each [N] or [N, 1]"
-            )
+            how = "one input [N, F] or one input per feature column, each [N] or [N, 1]"
             raise InvalidArgument(
                 f"input '{t.name}' has shape {list(t.shape)}; model '{model_id}' takes {how}"
             )

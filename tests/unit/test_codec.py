@@ -54,8 +54,9 @@ TYPED = [d for d in DATATYPES if DATATYPES[d].contents_field is not None]
 def sample(datatype: str) -> np.ndarray:
     """A [2, 3] array with each datatype's extremes (and NaN/inf for floats)."""
     if datatype == "BYTES":
-        return np.array([[b"", b"a", b"\x00\xff"], ["h\u00e9".encode(), b"x" * 300, b"z"]],
-                        dtype=object)
+        return np.array(
+            [[b"", b"a", b"\x00\xff"], ["h\u00e9".encode(), b"x" * 300, b"z"]], dtype=object
+        )
     if datatype == "BF16":
         return np.array([[0.0, -1.5, 3.0e38], [np.inf, -np.inf, 1e-40]], dtype=np.float32)
     dt = np.dtype(NUMERIC[datatype])
@@ -111,7 +112,7 @@ def test_datatype_table_covers_v2():
         assert element_size(name) == np.dtype(np_type).itemsize
         assert datatype_of(np.dtype(np_type)) == name
     assert to_numpy_dtype("BF16") == np.float32 and element_size("BF16") == 2
-    assert to_numpy_dtype("BYTES") == object and element_size("BYTES") is None
+    assert to_numpy_dtype("BYTES") == np.dtype(object) and element_size("BYTES") is None
 
 
 @pytest.mark.parametrize("dtype", [object, "S3", "U3"])
@@ -217,7 +218,10 @@ def test_raw_roundtrip_random_arrays(datatype, shape, data):
     # And through our own request encoder and response decoder.
     request = service_pb2.ModelInferRequest()
     encode_inputs([tensor], request)
-    assert request.raw_input_contents[0] == client_request({"t": (datatype, array)}).raw_input_contents[0]
+    assert (
+        request.raw_input_contents[0]
+        == client_request({"t": (datatype, array)}).raw_input_contents[0]
+    )
     response = service_pb2.ModelInferResponse()
     encode_outputs([tensor], None, response)
     [decoded] = decode_outputs(response)
@@ -261,9 +265,25 @@ def test_bf16_encode_rounds_like_ml_dtypes(values):
     # Decoding widens exactly: a second round trip changes nothing.
     [decoded] = decode_outputs(response)
     assert decoded.datatype == "BF16" and decoded.data.dtype == np.float32
-    np.testing.assert_array_equal(
-        bits(decoded.data[~nan]), bits(want[~nan].astype(np.float32))
-    )
+    np.testing.assert_array_equal(bits(decoded.data[~nan]), bits(want[~nan].astype(np.float32)))
+
+
+def test_bf16_ties_round_to_even():
+    # 0x3F80_8000 lies halfway between bf16 0x3F80 and 0x3F81: round to the even 0x3F80;
+    # 0x3F81_8000 lies halfway between 0x3F81 and 0x3F82: round to the even 0x3F82.
+    values = np.array([0x3F808000, 0x3F818000, 0x3F808001], dtype=np.uint32).view(np.float32)
+    response = service_pb2.ModelInferResponse()
+    encode_outputs([Tensor("b", "BF16", values)], None, response)
+    got = np.frombuffer(response.raw_output_contents[0], dtype="<u2").tolist()
+    assert got == [0x3F80, 0x3F82, 0x3F81]
+
+
+def test_bool_raw_nonzero_bytes_are_true():
+    [tensor] = decode_inputs(raw_request("BOOL", [3], b"\x00\x01\x02"))
+    assert tensor.data.tolist() == [False, True, True]
+    response = service_pb2.ModelInferResponse()
+    encode_outputs([tensor], None, response)
+    assert response.raw_output_contents[0] == b"\x00\x01\x01"
 
 
 def test_bfloat16_arrays_encode_directly():
@@ -333,7 +353,10 @@ def test_params_every_kind():
     python_to_params(values, target.parameters)
     kinds = {k: p.WhichOneof("parameter_choice") for k, p in target.parameters.items()}
     assert kinds == {
-        "b": "bool_param", "i": "int64_param", "s": "string_param", "d": "double_param",
+        "b": "bool_param",
+        "i": "int64_param",
+        "s": "string_param",
+        "d": "double_param",
         "u": "uint64_param",
     }
     assert params_to_python(target.parameters) == values
@@ -345,14 +368,18 @@ def test_params_from_tritonclient():
         parameters={"temperature": 0.7, "top_k": 3, "mode": "fast", "stream": True},
     )
     assert params_to_python(request.parameters) == {
-        "temperature": 0.7, "top_k": 3, "mode": "fast", "stream": True,
+        "temperature": 0.7,
+        "top_k": 3,
+        "mode": "fast",
+        "stream": True,
     }
 
 
 def test_python_to_params_numpy_scalars_and_bool_before_int():
     target = service_pb2.ModelInferResponse().parameters
-    python_to_params({"a": np.int32(4), "b": np.float32(0.5), "c": np.bool_(True), "d": True},
-                     target)
+    python_to_params(
+        {"a": np.int32(4), "b": np.float32(0.5), "c": np.bool_(True), "d": True}, target
+    )
     assert target["a"].int64_param == 4 and target["b"].double_param == 0.5
     assert target["c"].WhichOneof("parameter_choice") == "bool_param"
     assert target["d"].WhichOneof("parameter_choice") == "bool_param"
@@ -470,7 +497,9 @@ def test_raw_byte_size_mismatch(datatype):
     size = element_size(datatype)
     expect_invalid(
         raw_request(datatype, [2, 3], b"\x00" * (6 * size - 1)),
-        "input 'x'", f"{6 * size - 1} bytes", f"needs {6 * size}",
+        "input 'x'",
+        f"{6 * size - 1} bytes",
+        f"needs {6 * size}",
     )
 
 
@@ -510,8 +539,9 @@ def test_bytes_truncated_length_prefix():
 
 def test_bytes_length_overruns_buffer():
     raw = struct.pack("<I", 10) + b"abc"
-    expect_invalid(raw_request("BYTES", [1], raw), "malformed BYTES", "declares 10 bytes",
-                   "only 3 remain")
+    expect_invalid(
+        raw_request("BYTES", [1], raw), "malformed BYTES", "declares 10 bytes", "only 3 remain"
+    )
 
 
 def test_bytes_element_count_mismatch():
@@ -541,8 +571,8 @@ def test_missing_data_for_typed_input():
 
 
 @pytest.mark.parametrize(
-    ("datatype", "value"), [("INT8", 128), ("INT8", -129), ("INT16", 40000), ("UINT8", 256),
-                            ("UINT16", 65536)]
+    ("datatype", "value"),
+    [("INT8", 128), ("INT8", -129), ("INT16", 40000), ("UINT8", 256), ("UINT16", 65536)],
 )
 def test_narrow_typed_values_out_of_range(datatype, value):
     """V2 widens 8/16-bit ints to 32 bits on the wire; values must still fit the datatype."""
@@ -561,12 +591,19 @@ def test_duplicate_input_names():
 
 def test_typed_encoding_refuses_half_floats():
     with pytest.raises(InvalidArgument, match="FP16 has no typed contents field"):
-        encode_inputs([Tensor("h", "FP16", np.zeros(1, np.float16))],
-                      service_pb2.ModelInferRequest(), raw=False)
+        encode_inputs(
+            [Tensor("h", "FP16", np.zeros(1, np.float16))],
+            service_pb2.ModelInferRequest(),
+            raw=False,
+        )
 
 
 def test_module_exports():
     assert set(codec.__all__) >= {
-        "decode_inputs", "encode_outputs", "params_to_python", "python_to_params",
-        "datatype_of", "to_numpy_dtype",
+        "decode_inputs",
+        "encode_outputs",
+        "params_to_python",
+        "python_to_params",
+        "datatype_of",
+        "to_numpy_dtype",
     }

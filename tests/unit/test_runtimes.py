@@ -9,6 +9,7 @@ from many threads at once.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -30,23 +31,24 @@ ONNX_INPUT = "input"
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory) -> Path:
+def demo_written(tmp_path_factory) -> tuple[Path, dict[str, DemoModel]]:
     directory = tmp_path_factory.mktemp("demo")
-    write_demo_models(directory)
-    return directory
+    return directory, {m.model_type: m for m in write_demo_models(directory)}
 
 
 @pytest.fixture(scope="module")
-def demo_models(demo_dir) -> dict[str, DemoModel]:
-    # Same list write_demo_models returned; rebuilt here from a second, cheap call's metadata.
-    return {m.model_type: m for m in write_demo_models(demo_dir)}
+def demo_dir(demo_written) -> Path:
+    return demo_written[0]
 
 
 @pytest.fixture(scope="module")
-def loaded(demo_dir, demo_models) -> dict[str, LoadedModel]:
-    return {
-        t: get_runtime(t).load(demo_dir / m.path, m.model_id) for t, m in demo_models.items()
-    }
+def demo_by_type(demo_written) -> dict[str, DemoModel]:
+    return demo_written[1]
+
+
+@pytest.fixture(scope="module")
+def loaded(demo_dir, demo_by_type) -> dict[str, LoadedModel]:
+    return {t: get_runtime(t).load(demo_dir / m.path, m.model_id) for t, m in demo_by_type.items()}
 
 
 def batch(n: int = 20) -> np.ndarray:
@@ -86,7 +88,7 @@ def test_import_is_lazy():
 # --------------------------------------------------------------------------- demo
 
 
-def test_demo_models_are_deterministic_and_need_no_network(tmp_path, demo_dir, monkeypatch):
+def test_demo_by_type_are_deterministic_and_need_no_network(tmp_path, demo_dir, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("the demo tried to open a network connection")
 
@@ -106,10 +108,10 @@ def test_demo_models_are_deterministic_and_need_no_network(tmp_path, demo_dir, m
 # --------------------------------------------------------------------------- vs the libraries
 
 
-def test_sklearn_matches_estimator(demo_dir, demo_models, loaded):
+def test_sklearn_matches_estimator(demo_dir, demo_by_type, loaded):
     import joblib
 
-    estimator = joblib.load(demo_dir / demo_models["sklearn"].path)
+    estimator = joblib.load(demo_dir / demo_by_type["sklearn"].path)
     x = batch()
     out = run(loaded["sklearn"], x)
     np.testing.assert_array_equal(out["predict"].data, estimator.predict(x))
@@ -117,10 +119,10 @@ def test_sklearn_matches_estimator(demo_dir, demo_models, loaded):
     assert out["predict"].datatype == "INT64" and out["predict_proba"].datatype == "FP64"
 
 
-def test_xgboost_matches_sklearn_api_and_booster(demo_dir, demo_models, loaded):
+def test_xgboost_matches_sklearn_api_and_booster(demo_dir, demo_by_type, loaded):
     import xgboost as xgb
 
-    path = demo_dir / demo_models["xgboost"].path
+    path = demo_dir / demo_by_type["xgboost"].path
     clf = xgb.XGBClassifier()
     clf.load_model(path)
     x = batch()
@@ -133,10 +135,10 @@ def test_xgboost_matches_sklearn_api_and_booster(demo_dir, demo_models, loaded):
     )
 
 
-def test_lightgbm_matches_booster(demo_dir, demo_models, loaded):
+def test_lightgbm_matches_booster(demo_dir, demo_by_type, loaded):
     import lightgbm as lgb
 
-    booster = lgb.Booster(model_file=str(demo_dir / demo_models["lightgbm"].path))
+    booster = lgb.Booster(model_file=str(demo_dir / demo_by_type["lightgbm"].path))
     x = batch()
     out = run(loaded["lightgbm"], x)
     proba = booster.predict(x)
@@ -144,12 +146,12 @@ def test_lightgbm_matches_booster(demo_dir, demo_models, loaded):
     np.testing.assert_array_equal(out["predict"].data, proba.argmax(axis=1))
 
 
-def test_onnx_matches_session_and_logistic_regression(demo_dir, demo_models, loaded):
+def test_onnx_matches_session_and_logistic_regression(demo_dir, demo_by_type, loaded):
     import onnxruntime as ort
     from sklearn.linear_model import LogisticRegression
 
     session = ort.InferenceSession(
-        str(demo_dir / demo_models["onnx"].path), providers=["CPUExecutionProvider"]
+        str(demo_dir / demo_by_type["onnx"].path), providers=["CPUExecutionProvider"]
     )
     x = batch()
     out = run(loaded["onnx"], x, name=ONNX_INPUT)
@@ -159,6 +161,85 @@ def test_onnx_matches_session_and_logistic_regression(demo_dir, demo_models, loa
     lr = LogisticRegression(max_iter=1000).fit(*iris())
     np.testing.assert_array_equal(out["label"].data, lr.predict(x))
     np.testing.assert_allclose(out["probabilities"].data, lr.predict_proba(x), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def iris_xy():
+    x, y = iris()
+    return x, y
+
+
+@pytest.mark.parametrize("kind", ["binary", "regression"])
+def test_xgboost_binary_and_regression(tmp_path, iris_xy, kind):
+    import xgboost as xgb
+
+    x, y = iris_xy
+    if kind == "binary":
+        trained = xgb.XGBClassifier(n_estimators=5, max_depth=2, n_jobs=1).fit(x, y == 1)
+    else:
+        trained = xgb.XGBRegressor(n_estimators=5, max_depth=2, n_jobs=1).fit(x, x[:, 0])
+    path = tmp_path / "model.ubj"
+    trained.save_model(path)
+    model = get_runtime("xgboost").load(path, kind)
+    out = run(model, x.astype(np.float32))
+    np.testing.assert_array_equal(out["predict"].data, trained.predict(x.astype(np.float32)))
+    if kind == "binary":
+        assert out["predict"].datatype == "INT64"
+        np.testing.assert_allclose(out["predict_proba"].data, trained.predict_proba(x), rtol=1e-6)
+        assert [s.name for s in model.signature.outputs] == ["predict", "predict_proba"]
+    else:
+        assert set(out) == {"predict"} and out["predict"].datatype == "FP32"
+        assert [s.shape for s in model.signature.outputs] == [(-1,)]
+
+
+@pytest.mark.parametrize("kind", ["binary", "regression"])
+def test_lightgbm_binary_and_regression(tmp_path, iris_xy, kind):
+    import lightgbm as lgb
+
+    x, y = iris_xy
+    common = {"n_estimators": 5, "num_leaves": 4, "n_jobs": 1, "verbose": -1}
+    if kind == "binary":
+        trained = lgb.LGBMClassifier(**common).fit(x, (y == 1).astype(int))
+    else:
+        trained = lgb.LGBMRegressor(**common).fit(x, x[:, 0])
+    path = tmp_path / "model.txt"
+    trained.booster_.save_model(path)
+    out = run(get_runtime("lightgbm").load(path, kind), x)
+    np.testing.assert_array_equal(out["predict"].data, trained.predict(x))
+    if kind == "binary":
+        np.testing.assert_array_equal(out["predict_proba"].data, trained.predict_proba(x))
+    else:
+        assert set(out) == {"predict"} and out["predict"].datatype == "FP64"
+
+
+def test_sklearn_regressor_and_string_labels(tmp_path, iris_xy):
+    import joblib
+    from sklearn.linear_model import LinearRegression
+    from sklearn.tree import DecisionTreeClassifier
+
+    x, y = iris_xy
+    regressor = LinearRegression().fit(x[:, 1:], x[:, 0])
+    joblib.dump(regressor, tmp_path / "reg.joblib")
+    model = get_runtime("sklearn").load(tmp_path / "reg.joblib", "reg")
+    out = run(model, x[:, 1:].astype(np.float32))
+    assert set(out) == {"predict"} and model.signature.inputs[0].shape == (-1, 3)
+    np.testing.assert_array_equal(
+        out["predict"].data, regressor.predict(x[:, 1:].astype(np.float32))
+    )
+
+    names = np.array(["setosa", "versicolor", "virginica"])[y]
+    tree = DecisionTreeClassifier(max_depth=2, random_state=0).fit(x, names)
+    joblib.dump(tree, tmp_path / "tree.joblib", compress=3)
+    model = get_runtime("sklearn").load(tmp_path / "tree.joblib", "tree")
+    out = run(model, x[:3].astype(np.float32))
+    assert out["predict"].datatype == "BYTES"
+    assert model.signature.outputs[0].datatype == "BYTES"
+    response = service_pb2.ModelInferResponse()
+    encode_outputs(list(out.values()), ["predict"], response)
+    assert InferResult(response).as_numpy("predict").tolist() == [b"setosa"] * 3
+    # Compressed joblib files are estimated with the larger factor.
+    compressed = get_runtime("sklearn").predict_size(tmp_path / "tree.joblib")
+    assert compressed == int((tmp_path / "tree.joblib").stat().st_size * 5.0)
 
 
 def test_identity_echoes_inputs_and_parameters(loaded):
@@ -198,9 +279,7 @@ def test_identity_end_to_end_every_datatype_through_the_codec(loaded):
     request = _get_inference_request(
         "echo", inputs, "", "", None, 0, False, False, 0, None, {"k": 7, "flag": False}
     )
-    outputs = loaded["identity"].predict(
-        decode_inputs(request), {"k": 7, "flag": False}
-    )
+    outputs = loaded["identity"].predict(decode_inputs(request), {"k": 7, "flag": False})
     response = service_pb2.ModelInferResponse()
     encode_outputs(outputs, None, response)
     result = InferResult(response)
@@ -265,8 +344,10 @@ def test_signature_is_truthful(loaded, model_type):
     [
         ([Tensor("x", "FP32", np.zeros((2, 3), np.float32))], "expects 4 features per row, got 3"),
         ([Tensor("x", "FP32", np.zeros((2, 2, 2), np.float32))], "has shape [2, 2, 2]"),
-        ([Tensor("x", "FP32", np.zeros(4, np.float32)), Tensor("y", "FP32", np.zeros(3))],
-         "different lengths"),
+        (
+            [Tensor("x", "FP32", np.zeros(4, np.float32)), Tensor("y", "FP32", np.zeros(3))],
+            "different lengths",
+        ),
         ([Tensor("x", "BYTES", np.array([[b"1"] * 4], dtype=object))], "numeric features"),
         ([Tensor("x", "FP32", np.zeros((0, 4), np.float32))], "at least one row"),
         ([], "got no inputs"),
@@ -281,7 +362,10 @@ def test_tabular_bad_inputs(loaded, model_type, inputs, fragment):
 @pytest.mark.parametrize(
     ("inputs", "fragment"),
     [
-        ([Tensor("features", "FP32", np.zeros((2, 4), np.float32))], "missing input; unknown features"),
+        (
+            [Tensor("features", "FP32", np.zeros((2, 4), np.float32))],
+            "missing input; unknown features",
+        ),
         ([Tensor(ONNX_INPUT, "FP32", np.zeros((2, 3), np.float32))], "has shape [2, 3]"),
         ([Tensor(ONNX_INPUT, "FP32", np.zeros(4, np.float32))], "takes [-1, 4]"),
         ([Tensor(ONNX_INPUT, "BYTES", np.array([[b"a"] * 4], dtype=object))], "takes FP32"),
@@ -323,7 +407,8 @@ def _onnx_echo(directory: Path, elem: str) -> Path:
 
     dtype = getattr(TensorProto, elem)
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["v"], ["out"])], "echo",
+        [helper.make_node("Identity", ["v"], ["out"])],
+        "echo",
         [helper.make_tensor_value_info("v", dtype, ["N"])],
         [helper.make_tensor_value_info("out", dtype, ["N"])],
     )
@@ -374,8 +459,8 @@ def test_identity_bad_description(tmp_path, content, fragment):
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_sizes_positive_and_estimate_close(demo_dir, demo_models, loaded, model_type):
-    path = demo_dir / demo_models[model_type].path
+def test_sizes_positive_and_estimate_close(demo_dir, demo_by_type, loaded, model_type):
+    path = demo_dir / demo_by_type[model_type].path
     estimate = get_runtime(model_type).predict_size(path)
     measured = loaded[model_type].size_bytes
     assert estimate > 0 and measured > 0
@@ -386,15 +471,15 @@ def test_sizes_positive_and_estimate_close(demo_dir, demo_models, loaded, model_
     assert again.size_bytes == measured
 
 
-def test_measured_sizes_follow_the_documented_method(demo_dir, demo_models, loaded):
+def test_measured_sizes_follow_the_documented_method(demo_dir, demo_by_type, loaded):
     import lightgbm  # noqa: F401 - loaded by the fixture already
     import xgboost as xgb
 
-    lgb_file = demo_dir / demo_models["lightgbm"].path
+    lgb_file = demo_dir / demo_by_type["lightgbm"].path
     assert loaded["lightgbm"].size_bytes == lgb_file.stat().st_size
-    booster = xgb.Booster(model_file=str(demo_dir / demo_models["xgboost"].path))
+    booster = xgb.Booster(model_file=str(demo_dir / demo_by_type["xgboost"].path))
     assert loaded["xgboost"].size_bytes == len(booster.save_raw("ubj"))
-    onnx_file = demo_dir / demo_models["onnx"].path
+    onnx_file = demo_dir / demo_by_type["onnx"].path
     weights = 4 * 3 * 4 + 3 * 4  # float32 [4, 3] weights and [3] bias
     extra = loaded["onnx"].size_bytes - onnx_file.stat().st_size
     assert weights <= extra <= weights + 100  # + names and dims of the two initializers
@@ -419,9 +504,9 @@ def test_measured_sizes_follow_the_documented_method(demo_dir, demo_models, load
         ("identity", "is not a JSON identity model description"),
     ],
 )
-def test_corrupt_file(tmp_path, demo_dir, demo_models, model_type, fragment):
-    good = (demo_dir / demo_models[model_type].path).read_bytes()
-    bad = tmp_path / demo_models[model_type].path.name
+def test_corrupt_file(tmp_path, demo_dir, demo_by_type, model_type, fragment):
+    good = (demo_dir / demo_by_type[model_type].path).read_bytes()
+    bad = tmp_path / demo_by_type[model_type].path.name
     bad.write_bytes(good[: len(good) // 2])
     with pytest.raises(ModelLoadFailed) as info:
         get_runtime(model_type).load(bad, "broken")
@@ -432,18 +517,24 @@ def test_corrupt_file(tmp_path, demo_dir, demo_models, model_type, fragment):
 
 
 def test_damaged_lightgbm_trees_are_refused_before_lightgbm_parses_them(
-    tmp_path, demo_dir, demo_models
+    tmp_path, demo_dir, demo_by_type
 ):
     """LightGBM aborts the process on a malformed tree, so these must never reach it."""
-    good = (demo_dir / demo_models["lightgbm"].path).read_bytes()
+    good = (demo_dir / demo_by_type["lightgbm"].path).read_bytes()
     damaged = {
         "short-array": good.replace(b"\nleaf_count=", b"\nleaf_count=1 ", 1),
         "garbage-number": good.replace(b"\nthreshold=", b"\nthreshold=x", 1),
         "wrong-tree-size": good.replace(b"tree_sizes=", b"tree_sizes=1", 1),
         "cut-parameters": good[: good.index(b"end of parameters")],
         "no-num-leaves": good.replace(b"\nnum_leaves=", b"\nnum_leafs=", 1),
+        "feature-out-of-range": re.sub(
+            rb"\nsplit_feature=\d ", b"\nsplit_feature=4 ", good, count=1
+        ),
+        # Same byte length as the original, so that tree_sizes still holds.
+        "child-out-of-range": re.sub(rb"\nleft_child=\d ", b"\nleft_child=9 ", good, count=1),
     }
     for name, raw in damaged.items():
+        assert raw != good, name
         path = tmp_path / f"{name}.txt"
         path.write_bytes(raw)
         with pytest.raises(ModelLoadFailed, match="damaged LightGBM model") as info:
@@ -466,11 +557,45 @@ def test_damaged_lightgbm_trees_are_refused_before_lightgbm_parses_them(
         ("identity", "xgboost", "not a valid xgboost model"),
     ],
 )
-def test_wrong_format(tmp_path, demo_dir, demo_models, file_type, registered_as, fragment):
-    source = demo_dir / demo_models[file_type].path
+def test_wrong_format(tmp_path, demo_dir, demo_by_type, file_type, registered_as, fragment):
+    source = demo_dir / demo_by_type[file_type].path
     with pytest.raises(ModelLoadFailed) as info:
         get_runtime(registered_as).load(source, "mistyped")
     assert fragment in info.value.reason, info.value.reason
+
+
+def test_damaged_lightgbm_parameters_section_is_not_given_to_lightgbm(
+    tmp_path, demo_dir, demo_by_type
+):
+    """LightGBM segfaults on some damaged parameter lines; the runtime drops that section.
+
+    Run in a child process, so that a regression crashes that process, not the tests.
+    """
+    import subprocess
+
+    good = (demo_dir / demo_by_type["lightgbm"].path).read_bytes()
+    damaged = good.replace(b"[saved_feature_importance_type:", b"[saved feature_importance_type:")
+    assert damaged != good
+    path = tmp_path / "model.txt"
+    path.write_bytes(damaged)
+    code = (
+        "import sys, numpy as np\n"
+        "from pathlib import Path\n"
+        "from modelmesh.runtimes import get_runtime\n"
+        "from modelmesh.tensor import Tensor\n"
+        "m = get_runtime('lightgbm').load(Path(sys.argv[1]), 'p')\n"
+        "x = np.ones((1, 4), np.float32)\n"
+        "print(m.predict([Tensor('x', 'FP32', x)], {})[0].data.tolist())\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    want = run(
+        get_runtime("lightgbm").load(demo_dir / demo_by_type["lightgbm"].path, "g"),
+        np.ones((1, 4), np.float32),
+    )
+    assert child.stdout.strip() == str(want["predict"].data.tolist())
 
 
 def test_sklearn_pickle_without_predict(tmp_path):
@@ -502,10 +627,10 @@ def test_missing_path_and_ambiguous_directory(tmp_path):
         get_runtime("onnx").predict_size(tmp_path / "nope.onnx")
 
 
-def test_missing_extra_names_the_package(demo_dir, demo_models, monkeypatch):
+def test_missing_extra_names_the_package(demo_dir, demo_by_type, monkeypatch):
     monkeypatch.setitem(sys.modules, "lightgbm", None)  # makes `import lightgbm` fail
     with pytest.raises(ModelLoadFailed) as info:
-        get_runtime("lightgbm").load(demo_dir / demo_models["lightgbm"].path, "lgb")
+        get_runtime("lightgbm").load(demo_dir / demo_by_type["lightgbm"].path, "lgb")
     assert (
         "model type 'lightgbm' needs the lightgbm package: pip install pymodelmesh[lightgbm]"
         in info.value.reason
