@@ -427,6 +427,18 @@ class Simulator:
         self.outcome[k] = COLD
         c.waiters.append((k, arrival, svc))
 
+    def _retry(self, k: int, arrival: float, m: int, svc: float, now: float) -> None:
+        """A waiting request lost its load (failure, crash): join another copy or place anew."""
+        cps = self.copies_of[m]
+        if not cps:
+            self._miss(k, arrival, m, svc, now, ())
+            return
+        c = next(iter(cps.values())) if len(cps) == 1 else self._route(m, now)
+        if c.state == _LOADED:
+            self._serve(c, k, arrival, now, svc)
+        else:
+            c.waiters.append((k, arrival, svc))
+
     def _serve(self, c: _Copy, k: int, arrival: float, now: float, svc: float) -> None:
         slots = c.inst.slots
         f = slots[0]
@@ -583,7 +595,7 @@ class Simulator:
                 failed = self.failed_on[m] = {}
             failed[inst.idx] = now
             for k, arrival, svc in waiters:
-                self._miss(k, arrival, m, svc, now, ())
+                self._retry(k, arrival, m, svc, now)
             return
         pool.loading_bytes -= self.size[m]
         inst.loading -= 1
@@ -612,7 +624,7 @@ class Simulator:
         assert self.cfg.cluster.failures is not None
         self._push(now + self.cfg.cluster.failures.restart_s, _EV_UP, inst)
         for k, arrival, svc, m in stranded:
-            self._miss(k, arrival, m, svc, now, ())
+            self._retry(k, arrival, m, svc, now)
 
     def _instance_up(self, inst: _Instance, now: float) -> None:
         inst.restart()

@@ -17,6 +17,10 @@ Size:
 
 ``predict`` calls ``Booster.predict``, which builds a fresh predictor per call
 under the booster's shared (reader) lock, so concurrent calls are safe.
+
+LightGBM aborts or crashes the whole process on some damaged model files, so
+``safe_model_text`` checks a file's structure before LightGBM reads it (about
+0.05 s per MB of model text).
 """
 
 from __future__ import annotations

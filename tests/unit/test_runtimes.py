@@ -9,6 +9,7 @@ from many threads at once.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import socket
 import sys
@@ -25,6 +26,7 @@ from modelmesh.codec import decode_inputs, encode_outputs
 from modelmesh.demo import DemoModel, demo_input, iris, write_demo_models
 from modelmesh.errors import InvalidArgument, ModelLoadFailed
 from modelmesh.runtimes import MODEL_TYPES, LoadedModel, Runtime, get_runtime
+from modelmesh.runtimes.sklearn import pickled_size
 from modelmesh.tensor import Tensor
 
 ONNX_INPUT = "input"
@@ -484,11 +486,16 @@ def test_measured_sizes_follow_the_documented_method(demo_dir, demo_by_type, loa
     extra = loaded["onnx"].size_bytes - onnx_file.stat().st_size
     assert weights <= extra <= weights + 100  # + names and dims of the two initializers
     forest = loaded["sklearn"].estimator
-    arrays = sum(
-        t.tree_.__getstate__()["nodes"].nbytes + t.tree_.__getstate__()["values"].nbytes
-        for t in forest.estimators_
-    )
+    arrays = sum(t.tree_.value.nbytes + t.tree_.threshold.nbytes for t in forest.estimators_)
     assert loaded["sklearn"].size_bytes >= arrays
+    assert loaded["sklearn"].size_bytes == pickled_size(forest)
+
+
+def test_pickled_size_counts_arrays_without_copying_them():
+    big = {"weights": np.zeros((1000, 1000)), "bias": np.ones(1000, np.float32)}
+    size = pickled_size(big)
+    assert 8_000_000 + 4_000 <= size <= 8_000_000 + 4_000 + 1_000
+    assert abs(size - len(pickle.dumps(big, protocol=5))) < 1_000
 
 
 # --------------------------------------------------------------------------- load failures
@@ -599,7 +606,6 @@ def test_damaged_lightgbm_parameters_section_is_not_given_to_lightgbm(
 
 
 def test_sklearn_pickle_without_predict(tmp_path):
-    import pickle
 
     (tmp_path / "model.pkl").write_bytes(pickle.dumps({"not": "a model"}))
     with pytest.raises(ModelLoadFailed, match="holds a dict, not an estimator"):
@@ -607,7 +613,6 @@ def test_sklearn_pickle_without_predict(tmp_path):
 
 
 def test_plain_pickle_loads(tmp_path, loaded):
-    import pickle
 
     (tmp_path / "model.pkl").write_bytes(pickle.dumps(loaded["sklearn"].estimator))
     model = get_runtime("sklearn").load(tmp_path / "model.pkl", "pickled")

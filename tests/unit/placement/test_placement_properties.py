@@ -35,10 +35,8 @@ MIB = 1 << 20
 LABELS = ["gpu", "ssd", "zone-a"]
 NAMES = sorted(POLICIES)
 
-settings.register_profile(
-    "placement", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.load_profile("placement")
+# Per test, not a global profile: other test modules keep their own settings.
+PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @dataclass(frozen=True)
@@ -139,6 +137,7 @@ def _assert_fits(policy: Policy, cache: InstanceCache, size: int, below: float |
 
 
 @pytest.mark.parametrize("name", NAMES)
+@PROPERTY
 @given(world=worlds())
 def test_place_then_evict_never_overfills_and_respects_constraints(name: str, world: World):
     policy = get_policy(name, seed=3)
@@ -158,6 +157,7 @@ def test_place_then_evict_never_overfills_and_respects_constraints(name: str, wo
     assert victims is not None, "placed where the model cannot fit"
 
 
+@PROPERTY
 @given(world=worlds(), need=st.integers(0, 500))
 def test_evict_never_takes_models_in_use_and_takes_lowest_first(world: World, need: int):
     policy = get_policy("lru")
@@ -176,6 +176,7 @@ def test_evict_never_takes_models_in_use_and_takes_lowest_first(world: World, ne
             assert cache.free_bytes + freed < need * MIB
 
 
+@PROPERTY
 @given(world=worlds(), need=st.integers(1, 300), below=st.floats(0, 1000, allow_nan=False))
 def test_evict_below_only_takes_lower_priorities(world: World, need: int, below: float):
     policy = get_policy("gdsf")
@@ -187,6 +188,7 @@ def test_evict_below_only_takes_lower_priorities(world: World, need: int, below:
 
 
 @pytest.mark.parametrize("name", NAMES)
+@PROPERTY
 @given(world=worlds())
 def test_decisions_are_deterministic_for_a_seed(name: str, world: World):
     a, b = get_policy(name, seed=11), get_policy(name, seed=11)
@@ -201,6 +203,7 @@ def test_decisions_are_deterministic_for_a_seed(name: str, world: World):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@PROPERTY
 @given(world=worlds())
 def test_route_picks_a_copy_on_a_present_instance(name: str, world: World):
     policy = get_policy(name)
@@ -222,6 +225,7 @@ def test_route_picks_a_copy_on_a_present_instance(name: str, world: World):
 
 
 @pytest.mark.parametrize("name", ["modelmesh", "density"])
+@PROPERTY
 @given(world=worlds(), when=st.sampled_from([0.0, 5.0]))
 def test_rebalance_actions_are_safe(name: str, world: World, when: float):
     policy = get_policy(name, seed=5)
