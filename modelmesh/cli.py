@@ -220,7 +220,9 @@ def _list(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from simulations.cli import main as simulate_main
 
-    return simulate_main([args.config, "--out", args.out, *args.extra])
+    extra = [flag for flag, on in (("--no-progress", args.no_progress),
+                                   ("--no-plots", args.no_plots)) if on]
+    return simulate_main([args.config, "--out", args.out, *extra])
 
 
 # -- parser -----------------------------------------------------------------------------
@@ -274,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="run the placement simulator on a YAML config")
     p.add_argument("config")
     p.add_argument("--out", required=True, help="directory for results and plots")
-    p.add_argument("extra", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=_simulate)
     return parser
 

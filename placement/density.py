@@ -30,23 +30,28 @@ The idea
 Placement
     A miss goes where the model fits in free memory (most free first), else to
     the instance whose lowest-priority evictable model is the cheapest, so the
-    cluster evicts in one global value order. Instances whose loading slots are
-    all busy are avoided while others can take the load, because a queued load
-    adds directly to the cold-start latency.
+    cluster evicts in one global value order. Instances whose request slots or
+    loading slots are all busy are avoided while others can take the load,
+    because a queued load or request adds directly to the latency.
 
 Copies
     Copies follow measured demand instead of usage patterns: a model needs
     ceil(rate x service time / (target utilisation x concurrency)) copies,
     so a copy is added when the existing ones would be more than
     ``target_utilization`` busy, and removed (one at a time, after the last
-    change has settled) when the rest could carry the load at half that. In a
-    full cluster an extra copy of a lukewarm model costs far more hits than it
-    saves in queueing, so there is no "second copy for regular use" rule.
+    change has settled) when the rest could carry the load at half that and
+    their instances would stay below the target. Several warm models sharing
+    an instance can swamp it although none needs a copy on its own, so an
+    instance busier than the target gets a copy of its busiest model on a
+    quiet instance; routing then splits the traffic. In a full cluster an extra
+    copy of a lukewarm model costs far more hits than it saves in queueing, so
+    there is no "second copy for regular use" rule.
 
 Proactive loading
     When an instance has free memory (after a restart, after scale-out), the
     most valuable unloaded models that fit are loaded into it ahead of demand,
-    without evicting anything.
+    without evicting anything and only on idle loading slots, so a speculative
+    load never delays one that a request is waiting for.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from placement.model import (
     Action,
     AddCopy,
     ClusterSnapshot,
+    CopySnapshot,
     CopyState,
     Device,
     InstanceSnapshot,
@@ -145,7 +151,9 @@ class DensityPolicy(Policy):
             return None
         size = model.size_bytes
         gpu = model.device is Device.GPU
-        pool = [i for i in cands if i.loading < i.loading_slots] or cands
+        # Avoid instances whose request slots or loading slots are all taken.
+        pool = [i for i in cands if i.in_flight < i.concurrency] or cands
+        pool = [i for i in pool if i.loading < i.loading_slots] or pool
         roomy: list[tuple[tuple[float, float], InstanceSnapshot]] = []
         full: list[tuple[tuple[float, float], InstanceSnapshot]] = []
         for inst in pool:
@@ -173,8 +181,11 @@ class DensityPolicy(Policy):
     def rebalance(
         self, cluster: ClusterSnapshot, models: Sequence[ModelSnapshot], now: float
     ) -> list[Action]:
-        actions: list[Action] = []
         by_id = {i.instance_id: i for i in cluster.instances}
+        # Busy request slots per instance, and the model that keeps each busiest.
+        load = dict.fromkeys(by_id, 0.0)
+        hottest: dict[str, tuple[float, ModelSnapshot]] = {}
+        live: list[tuple[ModelSnapshot, list[CopySnapshot]]] = []
         unloaded: list[ModelSnapshot] = []
         for model in models:
             copies = [
@@ -186,15 +197,35 @@ class DensityPolicy(Policy):
                 if model.last_used is not None and model.request_rate > 0.0:
                     unloaded.append(model)
                 continue
-            if any(c.since > now - self.settle_s for c in copies):
-                continue
-            if model.last_removed is not None and now - model.last_removed < self.settle_s:
+            live.append((model, copies))
+            for c in copies:
+                busy = c.request_rate * model.service_seconds
+                load[c.instance_id] += busy
+                if busy > hottest.get(c.instance_id, (0.0, model))[0]:
+                    hottest[c.instance_id] = (busy, model)
+
+        def utilization(iid: str) -> float:
+            return load[iid] / max(1, by_id[iid].concurrency)
+
+        target_u = self.target_utilization
+        actions: list[Action] = []
+        unsettled: set[str] = set()  # models not to touch again this round
+        loading = {
+            model.model_id
+            for model, copies in live
+            if any(c.state is CopyState.LOADING for c in copies)
+        }
+        for model, copies in live:
+            if any(c.since > now - self.settle_s for c in copies) or (
+                model.last_removed is not None and now - model.last_removed < self.settle_s
+            ):
+                unsettled.add(model.model_id)
                 continue
             loaded = [c for c in copies if c.state is CopyState.LOADED]
             if not loaded:
                 continue
             concurrency = min(by_id[c.instance_id].concurrency for c in loaded)
-            need = self.copies_needed(model, concurrency, self.target_utilization)
+            need = self.copies_needed(model, concurrency, target_u)
             if need > len(loaded):
                 taken = set(model.holders)
                 for _ in range(min(need - len(loaded), 2)):
@@ -203,11 +234,43 @@ class DensityPolicy(Policy):
                         break
                     taken.add(target)
                     actions.append(AddCopy(model.model_id, target, "demand", now))
+                unsettled.add(model.model_id)
             elif len(loaded) > 1:
-                keep = self.copies_needed(model, concurrency, self.target_utilization / 2)
-                if keep < len(loaded):
-                    quiet = min(loaded, key=lambda c: (c.request_rate, c.instance_id))
+                keep = self.copies_needed(model, concurrency, target_u / 2)
+                quiet = min(loaded, key=lambda c: (c.request_rate, c.instance_id))
+                moved = quiet.request_rate * model.service_seconds / (len(loaded) - 1)
+                others_ok = all(
+                    (load[c.instance_id] + moved) / max(1, by_id[c.instance_id].concurrency)
+                    <= target_u
+                    for c in loaded
+                    if c is not quiet
+                )
+                if keep < len(loaded) and others_ok:
                     actions.append(RemoveCopy(model.model_id, quiet.instance_id, "surplus"))
+                    unsettled.add(model.model_id)
+
+        # Several warm models on one instance can swamp it although none needs a
+        # second copy on its own: give the busiest of them a copy on a quiet instance.
+        for iid in sorted(by_id, key=utilization, reverse=True):
+            if utilization(iid) <= target_u or iid not in hottest:
+                break
+            busy, model = hottest[iid]
+            if model.model_id in unsettled or model.model_id in loading:
+                continue
+            if busy < 0.1 * by_id[iid].concurrency:
+                continue
+            calm = [
+                i
+                for i in eligible_instances(model, cluster, frozenset(model.holders))
+                if (load[i.instance_id] + busy / 2) / max(1, i.concurrency) <= target_u
+            ]
+            if not calm:
+                continue
+            dest = min(calm, key=lambda i: (utilization(i.instance_id), i.instance_id))
+            actions.append(AddCopy(model.model_id, dest.instance_id, "relieve busy instance", now))
+            unsettled.add(model.model_id)
+            load[dest.instance_id] += busy / 2
+            load[iid] -= busy / 2
         actions += self._fill(cluster, unloaded, now)
         return actions
 
@@ -224,6 +287,8 @@ class DensityPolicy(Policy):
         if not fillable or not unloaded:
             return []
         free = {(i.instance_id, d): i.memory(d).free_bytes for i in fillable for d in Device}
+        # Only idle loading slots: a speculative load must never delay one a request waits for.
+        slots = {i.instance_id: i.loading_slots - i.loading for i in fillable}
 
         def worth(m: ModelSnapshot) -> tuple[float, str]:
             rate = decayed_rate(m.request_rate, m.last_used, now)
@@ -237,7 +302,8 @@ class DensityPolicy(Policy):
             fits = [
                 i
                 for i in fillable
-                if free[(i.instance_id, model.device)] >= model.size_bytes
+                if slots[i.instance_id] > 0
+                and free[(i.instance_id, model.device)] >= model.size_bytes
                 and i.instance_id not in model.failed_on
                 and model.required_labels <= i.labels
             ]
@@ -245,5 +311,6 @@ class DensityPolicy(Policy):
                 continue
             target = max(fits, key=lambda i: (free[(i.instance_id, model.device)], i.instance_id))
             free[(target.instance_id, model.device)] -= model.size_bytes
+            slots[target.instance_id] -= 1
             actions.append(AddCopy(model.model_id, target.instance_id, "fill free memory"))
         return actions

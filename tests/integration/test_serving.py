@@ -514,3 +514,13 @@ def test_models_root_escape_by_symlink_is_refused(mgmt, models_root, tmp_path):
         link.symlink_to(outside)
     code, msg = code_of(lambda: register(mgmt, "via-link", "sklearn", "link-out.joblib"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "outside" in msg
+
+
+def test_modelmesh_simulate_command(tmp_path):
+    config = Path(__file__).resolve().parents[2] / "simulations" / "configs" / "equal-sizes.yaml"
+    r = subprocess.run([sys.executable, "-m", "modelmesh", "simulate", str(config), "--out",
+                        str(tmp_path / "sim"), "--no-progress", "--no-plots"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "sim" / "results.json").read_text())
+    assert "modelmesh" in results and results["modelmesh"]["requests"] > 0

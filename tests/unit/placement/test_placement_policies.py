@@ -229,7 +229,9 @@ def test_density_sizes_copies_from_rate_and_service_time():
 
 def test_density_fills_free_memory_with_the_most_valuable_unloaded_models():
     p = DensityPolicy(max_fill_loads=2)
-    cluster = ClusterSnapshot((inst("a", used=100), inst("b", used=995)), NOW)
+    cluster = ClusterSnapshot(
+        (inst("a", used=100, loading_slots=4), inst("b", used=995, loading_slots=4)), NOW
+    )
     models = [
         ModelSnapshot("hot", 10 * MIB, last_used=NOW - 5, request_rate=1.0),
         ModelSnapshot("warm", 10 * MIB, last_used=NOW - 5, request_rate=0.1),
@@ -243,3 +245,55 @@ def test_density_fills_free_memory_with_the_most_valuable_unloaded_models():
     ]
     full = ClusterSnapshot((inst("a", used=990), inst("b", used=995)), NOW)
     assert p.rebalance(full, models, NOW) == []
+    # speculative loads only take idle loading slots
+    one_slot = ClusterSnapshot((inst("a", used=100, loading=1, loading_slots=2),), NOW)
+    assert p.rebalance(one_slot, models, NOW) == [AddCopy("hot", "a", "fill free memory")]
+
+
+def test_density_relieves_an_instance_swamped_by_several_warm_models():
+    p = DensityPolicy(target_utilization=0.6)
+    instances = tuple(inst(f"i{k}", used=100, concurrency=2) for k in range(3))
+    cluster = ClusterSnapshot(instances, NOW)
+
+    def warm(mid: str, where: str, rate: float) -> ModelSnapshot:
+        copy = CopySnapshot(where, since=0, request_rate=rate)
+        return ModelSnapshot(mid, 10 * MIB, copies=(copy,), service_seconds=0.02, last_used=NOW)
+
+    # each model alone fits one copy (a: 30 req/s x 20 ms = 0.6 busy slots, a copy may
+    # carry 0.6 x 2), but together they keep i0's two slots 65% busy
+    models = [warm("a", "i0", 30), warm("b", "i0", 25), warm("c", "i0", 10), warm("d", "i1", 5)]
+    actions = p.rebalance(cluster, models, NOW)
+    assert actions == [AddCopy("a", "i2", "relieve busy instance", NOW)]
+    calm = [warm("a", "i0", 10), warm("b", "i1", 10)]
+    assert p.rebalance(cluster, calm, NOW) == []
+
+
+def test_placement_imports_nothing_that_does_io_or_reads_the_clock():
+    import ast
+    from pathlib import Path
+
+    import placement
+
+    allowed = {
+        "__future__",
+        "abc",
+        "collections",
+        "collections.abc",
+        "dataclasses",
+        "enum",
+        "heapq",
+        "math",
+        "typing",
+        "zlib",
+    }
+    root = Path(placement.__file__).parent
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name in allowed or name.startswith("placement"), (path.name, name)
