@@ -107,8 +107,7 @@ class DataPlane:
 
     async def acquire(self, record: ModelRecord, stats: ModelStats | None = None) -> CacheEntry:
         """The loaded model for ``record``, waiting (bounded) for a load if needed."""
-        entry = self.cache.get(record.model_id)
-        if entry is not None and entry.state.value == "LOADED":
+        if self.cache.is_loaded(record.model_id):
             start = time.perf_counter_ns()
             entry = await self.cache.acquire(record)
             if stats is not None:

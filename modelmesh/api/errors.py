@@ -54,7 +54,13 @@ def grpc_errors(method: str, histogram: Any = None) -> Callable[[F], F]:
 
 
 def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str:
+    return metadata_values(context, key)[0]
+
+
+def metadata_values(context: grpc.aio.ServicerContext, *keys: str) -> list[str]:
+    """The values of ``keys`` in the call's metadata ("" where absent), in one pass."""
+    found = dict.fromkeys(keys, "")
     for k, v in context.invocation_metadata() or ():
-        if k == key:
-            return v if isinstance(v, str) else v.decode()
-    return ""
+        if k in found:
+            found[k] = v if isinstance(v, str) else v.decode()
+    return [found[k] for k in keys]

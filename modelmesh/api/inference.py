@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from modelmesh import __version__
-from modelmesh.api.errors import grpc_errors, metadata_value
+from modelmesh.api.errors import grpc_errors, metadata_values
 from modelmesh.errors import InvalidArgument, MeshError, ModelNotFound
 
 if TYPE_CHECKING:
@@ -41,9 +41,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics = instance.metrics
 
     def _model_id(self, name: str, context: grpc.aio.ServicerContext) -> str:
-        return self.data.resolve(
-            name, metadata_value(context, "mm-model-id"), metadata_value(context, "mm-vmodel-id")
-        )
+        model_id, vmodel_id = metadata_values(context, "mm-model-id", "mm-vmodel-id")
+        return self.data.resolve(name, model_id, vmodel_id)
 
     # -- server -----------------------------------------------------------------
 

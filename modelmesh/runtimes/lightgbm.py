@@ -230,18 +230,9 @@ class LightGBMModel(LoadedModel):
             raise InvalidArgument(
                 f"model '{self.model_id}' rejected the input: {first_line(exc)}"
             ) from exc
-        if self.objective == "binary":
-            proba = tabular.binary_proba(y)
-            return [
-                tabular.output(tabular.PREDICT, (proba[:, 1] > 0.5).astype(np.int64)),
-                tabular.output(tabular.PREDICT_PROBA, proba),
-            ]
-        if self.objective in ("multiclass", "multiclassova"):
-            return [
-                tabular.output(tabular.PREDICT, tabular.class_index(y)),
-                tabular.output(tabular.PREDICT_PROBA, y),
-            ]
-        return [tabular.output(tabular.PREDICT, y)]
+        kind = {"binary": "binary", "multiclass": "multiclass",
+                "multiclassova": "multiclass"}.get(self.objective, "raw")
+        return tabular.classifier_outputs(kind, y)
 
     def unload(self) -> None:
         self.booster = None

@@ -102,3 +102,19 @@ def binary_proba(p: np.ndarray) -> np.ndarray:
 def class_index(proba: np.ndarray) -> np.ndarray:
     """Predicted class index from ``[N, K]`` probabilities (argmax, first on ties)."""
     return np.argmax(proba, axis=1).astype(np.int64)
+
+
+def classifier_outputs(kind: str, y: np.ndarray) -> list[Tensor]:
+    """Outputs of a booster's raw prediction ``y`` for its objective ``kind``.
+
+    ``"binary"``: ``y`` is the positive-class probability -> label and [N, 2] probabilities;
+    ``"multiclass"``: ``y`` is [N, K] probabilities -> label and probabilities;
+    anything else: ``y`` is returned as ``predict`` unchanged (regression, ranking, ...).
+    """
+    if kind == "binary":
+        proba = binary_proba(y)
+        return [output(PREDICT, (proba[:, 1] > 0.5).astype(np.int64)),
+                output(PREDICT_PROBA, proba)]
+    if kind == "multiclass":
+        return [output(PREDICT, class_index(y)), output(PREDICT_PROBA, y)]
+    return [output(PREDICT, y)]

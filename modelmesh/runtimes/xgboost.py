@@ -98,20 +98,11 @@ class XGBoostModel(LoadedModel):
             raise InvalidArgument(
                 f"model '{self.model_id}' rejected the input: {first_line(exc)}"
             ) from exc
-        if self.objective == "binary:logistic":
-            proba = tabular.binary_proba(y)
-            return [
-                tabular.output(tabular.PREDICT, (proba[:, 1] > 0.5).astype(np.int64)),
-                tabular.output(tabular.PREDICT_PROBA, proba),
-            ]
-        if self.objective == "multi:softprob":
-            return [
-                tabular.output(tabular.PREDICT, tabular.class_index(y)),
-                tabular.output(tabular.PREDICT_PROBA, y),
-            ]
         if self.objective == "multi:softmax":
             return [tabular.output(tabular.PREDICT, y.astype(np.int64))]
-        return [tabular.output(tabular.PREDICT, y)]
+        kind = {"binary:logistic": "binary", "multi:softprob": "multiclass"}.get(
+            self.objective, "raw")
+        return tabular.classifier_outputs(kind, y)
 
     def unload(self) -> None:
         self.booster = None
