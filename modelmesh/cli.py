@@ -49,6 +49,14 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"modelmesh: instance {instance.instance_id} ready on port {instance.port}"
               f" (metrics port {instance.metrics_port})", flush=True)
         await stop.wait()
+        # A second signal while draining stops at once.
+        drain = asyncio.ensure_future(instance.drain())
+        stop.clear()
+        second = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([drain, second], return_when=asyncio.FIRST_COMPLETED)
+        second.cancel()
+        if not drain.done():
+            drain.cancel()
         await instance.stop()
         return 0
 

@@ -12,11 +12,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from modelmesh import codec
 from modelmesh.cache.local import CacheEntry, ModelCache
-from modelmesh.errors import MeshError, ModelNotFound, Unavailable
+from modelmesh.errors import InvalidArgument, MeshError, ModelNotFound, Unavailable
 from modelmesh.metrics import Metrics
 from modelmesh.registry.records import ModelRecord
 from modelmesh.registry.store import Registry
@@ -128,11 +129,60 @@ class DataPlane:
 
     # -- inference --------------------------------------------------------------
 
+    async def infer_bytes(
+        self, raw: bytes, record: ModelRecord, metadata: tuple[tuple[str, str | bytes], ...] = ()
+    ) -> bytes:
+        """Serve a serialized ModelInferRequest here; returns the serialized response.
+
+        A model whose runtime takes requests as bytes (a remote runtime) gets them
+        untouched; otherwise the request is decoded here.
+        """
+        model = None
+        entry = self.cache.get(record.model_id)
+        if entry is not None and entry.model is not None:
+            model = entry.model
+        if model is not None and hasattr(model, "infer_raw"):
+            return await self._infer_passthrough(raw, record, metadata)
+        try:
+            request = pb.ModelInferRequest.FromString(raw)
+        except DecodeError as exc:
+            raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
+        response = await self.infer(request, record.model_id, record)
+        return response.SerializeToString()
+
+    async def _infer_passthrough(
+        self, raw: bytes, record: ModelRecord, metadata: tuple[tuple[str, str | bytes], ...]
+    ) -> bytes:
+        start = time.perf_counter_ns()
+        stats = self.stats.get(record.model_id)
+        if stats is None:
+            stats = self.stats[record.model_id] = ModelStats()
+        try:
+            entry = await self.acquire(record, stats)
+            try:
+                if not hasattr(entry.model, "infer_raw"):  # reloaded by another runtime
+                    request = pb.ModelInferRequest.FromString(raw)
+                    return (await self.infer(request, record.model_id, record)).SerializeToString()
+                compute = time.perf_counter_ns()
+                out: bytes = await entry.model.infer_raw(raw, metadata)  # type: ignore[union-attr]
+                stats.compute_infer.add(time.perf_counter_ns() - compute)
+            finally:
+                self.cache.release(entry)
+        except MeshError:
+            stats.fail.add(time.perf_counter_ns() - start)
+            raise
+        stats.success.add(time.perf_counter_ns() - start)
+        stats.execution_count += 1
+        stats.inference_count += 1
+        stats.last_inference_ms = int(time.time() * 1000)
+        return out
+
     async def infer(
-        self, request: pb.ModelInferRequest, model_id: str
+        self, request: pb.ModelInferRequest, model_id: str, record: ModelRecord | None = None
     ) -> pb.ModelInferResponse:
         start = time.perf_counter_ns()
-        record = await self.registry.require_model(model_id)
+        if record is None:
+            record = await self.registry.require_model(model_id)
         stats = self.stats.get(model_id)
         if stats is None:
             stats = self.stats[model_id] = ModelStats()

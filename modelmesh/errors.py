@@ -66,10 +66,29 @@ class CapacityExceeded(MeshError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class StorageError(MeshError):
+    """A model's files could not be fetched: not found, access denied, unreachable, corrupt.
+
+    The model becomes LOADING_FAILED with this message. ``transient`` marks
+    failures that may pass on their own (unreachable, timed out), for which a
+    copy already in the local disk cache may be used instead.
+    """
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
 class Unavailable(MeshError):
     """A dependency (etcd, a peer, a runtime) is unreachable; the client may retry."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class Rejected(Unavailable):
+    """This instance will not take the work (it is draining); a forwarder tries another."""
 
 
 class Unimplemented(MeshError):

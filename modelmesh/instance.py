@@ -9,6 +9,7 @@ runs unowned.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from modelmesh import __version__
 from modelmesh._proto.mmesh import mesh_extensions_pb2_grpc as ext_grpc
@@ -31,9 +31,12 @@ from modelmesh.metrics import Metrics
 from modelmesh.registry.embedded import EmbeddedEtcd
 from modelmesh.registry.etcd import EtcdClient
 from modelmesh.registry.records import CopyRecord, CopyState, InstanceRecord
-from modelmesh.registry.store import Registry, now_ms
+from modelmesh.registry.store import INSTANCES, Change, Registry, now_ms
+from modelmesh.routing.chores import Chores
+from modelmesh.routing.router import Router
 from modelmesh.settings import Settings
 from modelmesh.storage import LocalModelLoader
+from placement import get_policy
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,9 @@ class MeshInstance:
         self._instance_dirty = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self._stopping = False
+        self.draining = False
         self._started_ms = now_ms()
+        self._rate = (time.monotonic(), 0, 0.0)  # (sampled at, requests served, per second)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -86,15 +91,21 @@ class MeshInstance:
         self.spawn(self.registry.run_watch(revision), name="registry-watch")
 
         threads = s.inference_threads or 2 * (os.cpu_count() or 1)
+        self.concurrency = threads
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mm-infer")
+        name, params = s.placement
         self.cache = ModelCache(
             s.capacity, LocalModelLoader(Path(s.models_root)),
             max_concurrent_loads=s.max_concurrent_loads, failure_ttl=s.load_failure_ttl,
             space_wait=s.load_timeout, on_event=self._on_cache_event,
+            policy=get_policy(name, **params),
         )
         self.dataplane = DataPlane(self.registry, self.cache, self.metrics, self.executor,
                                    s.load_timeout)
+        self.router = Router(self)
         self.lifecycle = ModelLifecycle(self)
+        self.chores = Chores(self)
+        self.registry.add_listener(self._on_registry_change)
         self.metrics.capacity_bytes.set(s.capacity)
 
         await self._start_server()
@@ -104,6 +115,7 @@ class MeshInstance:
         self.spawn(self._keepalive(), name="lease-keepalive")
         self.spawn(self._publish_copies(), name="copy-publisher")
         self.spawn(self._refresh_instance(), name="instance-refresh")
+        self.spawn(self.chores.run(), name="chores")
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_port)
         if s.demo:
@@ -122,7 +134,9 @@ class MeshInstance:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ])
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self), server)
+        service, handlers = InferenceServicer(self).generic_handler()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        server.add_registered_method_handlers(service, handlers)
         mm_grpc.add_ModelMeshServicer_to_server(ModelMeshServicer(self), server)
         ext_grpc.add_ModelMeshExtensionsServicer_to_server(ExtensionsServicer(self), server)
         self.port = server.add_insecure_port(f"{s.host}:{s.port}")
@@ -143,6 +157,8 @@ class MeshInstance:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if hasattr(self, "router"):
+            await self.router.close()
         if hasattr(self, "cache"):
             await self.cache.close()
         if self._lease:
@@ -158,6 +174,71 @@ class MeshInstance:
         if self.embedded_etcd is not None:
             await asyncio.to_thread(self.embedded_etcd.stop)
         log.info("instance %s stopped", self.instance_id)
+
+    async def drain(self) -> None:
+        """Prepare to stop without failing requests (SIGTERM).
+
+        Marks this instance shutting down (others stop routing and placing here),
+        refuses new loads, asks placement where each recently used model that has
+        no other copy should go and has it loaded there, and waits (at most
+        ``--drain-timeout``) for those loads. Requests keep being served here
+        meanwhile; ``stop()`` then finishes the ones in flight.
+        """
+        if self.draining or not self.ready:
+            return
+        self.draining = True
+        self.cache.refuse_loads = "this instance is shutting down"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout
+        try:
+            await asyncio.wait_for(self._put_instance(), 2.0)
+        except (TimeoutError, MeshError) as exc:
+            log.warning("could not publish shutting-down state: %s", exc)
+        recent = time.time() - 3600
+        entries = sorted(
+            (e for e in self.cache.entries() if e.state.value == "LOADED"),
+            key=lambda e: e.priority, reverse=True,
+        )
+        cluster = self.router.cluster_snapshot()
+        moves = []
+        for entry in entries:
+            usage = self.cache.usage.get(entry.model_id)
+            record = self.registry.models.get(entry.model_id)
+            if record is None or usage is None or (usage.last_used or 0) < recent:
+                continue
+            live = self.registry.instances
+            elsewhere = [iid for iid, c in self.registry.copies.get(entry.model_id, {}).items()
+                         if iid != self.instance_id and iid in live
+                         and not live[iid].shutting_down and c.state is not CopyState.FAILED]
+            if elsewhere:
+                continue
+            model = self.router.model_snapshot(record)
+            target = self.router.policy.place(model, cluster, frozenset({self.instance_id}))
+            if target is None:
+                continue
+            moves.append(self.spawn(
+                self.router.load_on(target, entry.model_id, sync=True,
+                                    timeout=max(deadline - loop.time(), 0.1)),
+                name=f"drain:{entry.model_id}"))
+        if moves:
+            log.info("draining: moving %d model(s) to other instances", len(moves))
+            await asyncio.wait(moves, timeout=max(deadline - loop.time(), 0.1))
+        # Give the other instances' mirrors a moment to see the new copies.
+        await asyncio.sleep(min(0.5, max(deadline - loop.time(), 0)))
+
+    def request_rate(self) -> float:
+        """Requests per second served here, over the last few seconds."""
+        t, n, rate = self._rate
+        now = time.monotonic()
+        served = sum(st.execution_count for st in self.dataplane.stats.values())
+        if now - t >= 2.0:
+            rate = (served - n) / (now - t)
+            self._rate = (now, served, rate)
+        return rate
+
+    @property
+    def lease(self) -> int:
+        return self._lease
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str = "") -> asyncio.Task[Any]:
         """Run a background task owned by this instance (cancelled on stop)."""
@@ -184,6 +265,10 @@ class MeshInstance:
             m.model_size_bytes.observe(ev.size_bytes)
             rec = CopyRecord(ev.model_id, self.instance_id, CopyState.LOADED, ev.size_bytes,
                              int(ev.load_ms), updated_ms=now_ms())
+            known = self.registry.models.get(ev.model_id)
+            if known is not None and abs(known.size_estimate - ev.size_bytes) > \
+                    0.1 * ev.size_bytes:
+                self.spawn(self._record_use(ev.model_id, 0, 0.0, ev.size_bytes))
         elif ev.kind == "failed":
             m.load_failures.inc()
             rec = CopyRecord(ev.model_id, self.instance_id, CopyState.FAILED, error=ev.error,
@@ -191,12 +276,36 @@ class MeshInstance:
         else:
             m.unloads.labels(ev.reason).inc()
             rec = None
+            usage = self.cache.usage.get(ev.model_id)
+            if ev.reason == "evicted" and usage is not None and usage.last_used:
+                self.spawn(self._record_use(ev.model_id, usage.last_used, usage.rate))
         m.used_bytes.set(self.cache.used_bytes)
         m.models_total.set(self.cache.loaded_count)
         self._copies[ev.model_id] = rec
         self._dirty.add(ev.model_id)
         self._publish.set()
         self._instance_dirty.set()
+
+    async def _record_use(self, model_id: str, last_used: float, rate: float,
+                          size: int = 0) -> None:
+        try:
+            await self.registry.record_use(model_id, int(last_used * 1000), rate, size)
+        except MeshError as exc:
+            log.debug("could not record use of %s: %s", model_id, exc)
+
+    def republish_copy(self, model_id: str, request_rate: float) -> None:
+        """Publish the copy record again with a new request rate."""
+        rec = self._copies.get(model_id)
+        if rec is None:
+            return
+        self._copies[model_id] = dataclasses.replace(rec, request_rate=round(request_rate, 3))
+        self._dirty.add(model_id)
+        self._publish.set()
+
+    def _on_registry_change(self, change: Change) -> None:
+        if change.table == INSTANCES and change.new is None and change.old is not None:
+            if change.key != self.instance_id:
+                self.spawn(self.router.peers.forget(change.old.endpoint), name="peer-forget")
 
     async def _publish_copies(self) -> None:
         while True:
@@ -216,14 +325,19 @@ class MeshInstance:
                     await asyncio.sleep(0.5)
 
     def instance_record(self) -> InstanceRecord:
-        lru = self.cache.lru_time()
-        lru_ms = int((time.time() - (time.monotonic() - lru)) * 1000) if lru else 0
+        mem = self.cache.snapshot().memory()
         return InstanceRecord(
             instance_id=self.instance_id,
             endpoint=self.settings.advertise or f"127.0.0.1:{self.port}",
-            capacity_bytes=self.settings.capacity, used_bytes=self.cache.used_bytes,
+            capacity_bytes=self.cache.capacity_bytes, used_bytes=self.cache.used_bytes,
             model_count=self.cache.loaded_count, loading_count=self.cache.loading_count,
-            lru_time_ms=lru_ms, labels=self.settings.labels, shutting_down=self._stopping,
+            loading_slots=self.settings.max_concurrent_loads, concurrency=self.concurrency,
+            pinned_bytes=mem.pinned_bytes,
+            min_priority=round(mem.min_priority, 6) if mem.min_priority is not None else None,
+            lru_time_ms=int(mem.lru_time * 1000) if mem.lru_time else 0,
+            requests_per_minute=round(self.request_rate() * 60, 1),
+            in_flight=self.router.outstanding[self.instance_id],
+            labels=self.settings.labels, shutting_down=self.draining or self._stopping,
             version=__version__, started_ms=self._started_ms,
         )
 

@@ -15,6 +15,7 @@ from modelmesh.errors import (
     MeshError,
     ModelNotFound,
     PreconditionFailed,
+    Rejected,
     VModelNotFound,
 )
 from modelmesh.registry.records import (
@@ -110,17 +111,62 @@ class ModelLifecycle:
         self.instance.cache.unload(model_id, reason="unregistered")
         log.info("model unregistered: %s", model_id)
 
-    async def ensure_loaded(self, model_id: str, sync: bool = False) -> ModelStatus:
+    async def ensure_loaded(self, model_id: str, sync: bool = False,
+                            here: bool = False) -> ModelStatus:
+        """Make sure a copy exists somewhere (``here``: on this instance), loading if needed.
+
+        Without ``here`` the model is left alone when a live copy exists anywhere;
+        otherwise placement picks the instance, which is asked to load it. With
+        ``sync`` the call returns once the load has finished (or failed).
+        """
         record = await self.registry.require_model(model_id)
-        if sync:
+        router = self.instance.router
+        if here:
+            if self.instance.draining and self.instance.cache.get(model_id) is None:
+                raise Rejected(f"instance {self.instance.instance_id} is shutting down")
             try:
-                entry = await self.instance.dataplane.acquire(record)
-                self.instance.cache.release(entry)
+                await router.load_on(router.me, model_id, sync=sync)
             except MeshError:
-                pass  # the failure is part of the returned status
-        else:
-            self.instance.cache.ensure_loading(record)
+                if not sync:
+                    raise
+            return self.status(model_id)
+        status = self.status(model_id)
+        live = self._live_states(model_id)
+        if "LOADED" in live or ("LOADING" in live and not sync):
+            return status
+        if "LOADING" not in live:
+            target, _ = router.choose(record)
+            try:
+                await router.load_on(target or router.me, model_id, sync=sync,
+                                     timeout=self.instance.settings.load_timeout)
+            except MeshError:
+                if not sync:
+                    raise
+        if sync:
+            await self._wait_loaded(model_id)
         return self.status(model_id)
+
+    def _live_states(self, model_id: str) -> set[str]:
+        """Copy states of ``model_id`` on live instances that are not shutting down."""
+        live = self.registry.instances
+        me = self.instance.instance_id
+        states = {_COPY_STATE[c.state] for iid, c in self.registry.copies.get(model_id, {}).items()
+                  if iid != me and iid in live and not live[iid].shutting_down}
+        entry = self.instance.cache.get(model_id)
+        if entry is not None and not self.instance.draining:
+            states.add({"LOADING": "LOADING", "LOADED": "LOADED",
+                        "FAILED": "LOADING_FAILED"}[entry.state.value])
+        return states
+
+    async def _wait_loaded(self, model_id: str) -> None:
+        """Wait (bounded by the load timeout) until no live copy is LOADING any more."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.instance.settings.load_timeout
+        while loop.time() < deadline:
+            states = self._live_states(model_id)
+            if "LOADED" in states or "LOADING" not in states:
+                return
+            await asyncio.sleep(0.05)
 
     def status(self, model_id: str) -> ModelStatus:
         """The model's status across the mesh (local cache state is the freshest)."""
@@ -269,8 +315,11 @@ class ModelLifecycle:
                 and not change.old.same_definition(change.new):
             self.instance.cache.unload(change.key, reason="replaced")
         elif change.table == "copies" and change.new is not None:
-            model_id = change.key.rpartition("/")[0]
-            if change.new.state in (CopyState.LOADED, CopyState.FAILED):
+            # The instance holding the copy completes the transition at once; the
+            # leader's periodic chores are the backstop (see routing/chores.py).
+            model_id, _, holder = change.key.rpartition("/")
+            if holder == self.instance.instance_id and \
+                    change.new.state in (CopyState.LOADED, CopyState.FAILED):
                 self.instance.spawn(self.advance_transitions(model_id))
 
     async def advance_transitions(self, model_id: str) -> None:

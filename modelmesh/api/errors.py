@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from modelmesh.errors import MeshError, status_for
+from modelmesh.errors import MeshError, Rejected, status_for
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ def grpc_errors(method: str, histogram: Any = None) -> Callable[[F], F]:
                 return await fn(self, request, context)
             except MeshError as exc:
                 code = exc.code.name
-                await context.abort(exc.code, exc.message)
+                await context.abort(exc.code, exc.message,
+                                    trailing_metadata=_trailer(self, isinstance(exc, Rejected)))
             except grpc.aio.AbortError:
                 code = "ABORTED_BY_HANDLER"
                 raise
@@ -41,7 +42,7 @@ def grpc_errors(method: str, histogram: Any = None) -> Callable[[F], F]:
                 status, message = status_for(exc)
                 code = status.name
                 log.exception("%s failed unexpectedly", method)
-                await context.abort(status, message)
+                await context.abort(status, message, trailing_metadata=_trailer(self, False))
             finally:
                 if histogram is not None:
                     getattr(self.metrics, histogram).labels(method, code).observe(
@@ -51,6 +52,15 @@ def grpc_errors(method: str, histogram: Any = None) -> Callable[[F], F]:
         return handler  # type: ignore[return-value]
 
     return wrap
+
+
+def _trailer(servicer: Any, reject: bool) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata on errors: ``mm-instance`` tells a forwarding instance that the
+    error is this instance's answer (not a dead connection); ``mm-reject`` that it should
+    try another instance."""
+    instance = getattr(servicer, "instance", None)
+    md: tuple[tuple[str, str], ...] = (("mm-instance", getattr(instance, "instance_id", "")),)
+    return md + (("mm-reject", "1"),) if reject else md
 
 
 def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str:

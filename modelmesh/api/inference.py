@@ -1,7 +1,10 @@
-"""KServe V2 gRPC (``inference.GRPCInferenceService``): a thin translation onto the data plane.
+"""KServe V2 gRPC (``inference.GRPCInferenceService``): a thin translation onto the router.
 
-Uses the stubs that ship in ``tritonclient.grpc`` so a process can import both
-this server and tritonclient (see ARCHITECTURE.md).
+Uses the messages that ship in ``tritonclient.grpc`` so a process can import both
+this server and tritonclient (see ARCHITECTURE.md). ``ModelInfer`` is registered
+with no deserializer: the handler gets the request's bytes, reads only the model
+name from them, and either serves the request here or forwards the same bytes to
+the instance that should serve it (``modelmesh.routing``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from modelmesh import __version__
 from modelmesh.api.errors import grpc_errors, metadata_values
 from modelmesh.errors import InvalidArgument, MeshError, ModelNotFound
+from modelmesh.registry.records import CopyState, ModelRecord
+from modelmesh.routing import wire
+from modelmesh.routing.router import INFER, METADATA, CallInfo
 
 if TYPE_CHECKING:
     from modelmesh.instance import MeshInstance
@@ -38,11 +44,53 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, instance: MeshInstance) -> None:
         self.instance = instance
         self.data = instance.dataplane
+        self.router = instance.router
         self.metrics = instance.metrics
+
+    def generic_handler(self) -> tuple[str, dict[str, grpc.RpcMethodHandler]]:
+        """(service name, method handlers): the generated ones, but ModelInfer takes bytes."""
+        service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+        handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for method in service.methods:
+            if method.name == "ModelInfer":
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(self.ModelInferRaw)
+                continue
+            impl = getattr(self, method.name)
+            request = getattr(pb, method.input_type.name)
+            response = getattr(pb, method.output_type.name)
+            make = (grpc.stream_stream_rpc_method_handler if method.client_streaming
+                    else grpc.unary_unary_rpc_method_handler)
+            handlers[method.name] = make(impl, request_deserializer=request.FromString,
+                                         response_serializer=response.SerializeToString)
+        return service.full_name, handlers
 
     def _model_id(self, name: str, context: grpc.aio.ServicerContext) -> str:
         model_id, vmodel_id = metadata_values(context, "mm-model-id", "mm-vmodel-id")
         return self.data.resolve(name, model_id, vmodel_id)
+
+    async def _metadata(self, request: pb.ModelMetadataRequest, context) -> tuple[
+            str, pb.ModelMetadataResponse]:
+        """The model's metadata from wherever it is (or gets) loaded."""
+        model_id = self._model_id(request.name, context)
+        info = CallInfo.from_context(context)
+
+        async def local(record: ModelRecord) -> bytes:
+            return (await self._local_metadata(request, record)).SerializeToString()
+
+        raw = await self.router.invoke(METADATA, request.SerializeToString(), model_id, info,
+                                       local)
+        return model_id, pb.ModelMetadataResponse.FromString(raw)
+
+    async def _local_metadata(self, request: pb.ModelMetadataRequest,
+                              record: ModelRecord) -> pb.ModelMetadataResponse:
+        _, sig = await self.data.signature(record.model_id)
+        return pb.ModelMetadataResponse(
+            name=request.name, versions=["1"], platform=record.model_type,
+            inputs=[pb.ModelMetadataResponse.TensorMetadata(
+                name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in sig.inputs],
+            outputs=[pb.ModelMetadataResponse.TensorMetadata(
+                name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in sig.outputs],
+        )
 
     # -- server -----------------------------------------------------------------
 
@@ -64,34 +112,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):  # noqa: N802
         model_id = self._model_id(request.name, context)
         await self.instance.registry.require_model(model_id)
-        return pb.ModelReadyResponse(ready=self.data.is_ready(model_id))
+        if self.data.is_ready(model_id):
+            return pb.ModelReadyResponse(ready=True)
+        live = self.instance.registry.instances
+        copies = self.instance.registry.copies.get(model_id, {})
+        ready = any(c.state is CopyState.LOADED and iid in live and not live[iid].shutting_down
+                    for iid, c in copies.items())
+        return pb.ModelReadyResponse(ready=ready)
 
     @grpc_errors("ModelMetadata")
     async def ModelMetadata(self, request, context):  # noqa: N802
-        model_id = self._model_id(request.name, context)
-        record, sig = await self.data.signature(model_id)
-        return pb.ModelMetadataResponse(
-            name=request.name, versions=["1"], platform=record.model_type,
-            inputs=[pb.ModelMetadataResponse.TensorMetadata(
-                name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in sig.inputs],
-            outputs=[pb.ModelMetadataResponse.TensorMetadata(
-                name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in sig.outputs],
-        )
+        _, response = await self._metadata(request, context)
+        response.name = request.name
+        return response
 
     @grpc_errors("ModelConfig")
     async def ModelConfig(self, request, context):  # noqa: N802
-        model_id = self._model_id(request.name, context)
-        record, sig = await self.data.signature(model_id)
+        _, meta = await self._metadata(pb.ModelMetadataRequest(name=request.name), context)
 
         def tensors(specs, cls):
             return [cls(name=t.name, data_type=_CONFIG_TYPES.get(t.datatype, mc.TYPE_INVALID),
                         dims=list(t.shape)) for t in specs]
 
         config = mc.ModelConfig(
-            name=request.name, platform=record.model_type, backend="modelmesh",
+            name=request.name, platform=meta.platform, backend="modelmesh",
             max_batch_size=0,
-            input=tensors(sig.inputs, mc.ModelInput),
-            output=tensors(sig.outputs, mc.ModelOutput),
+            input=tensors(meta.inputs, mc.ModelInput),
+            output=tensors(meta.outputs, mc.ModelOutput),
         )
         return pb.ModelConfigResponse(config=config)
 
@@ -121,17 +168,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference ----------------------------------------------------------------
 
     @grpc_errors("ModelInfer", histogram="api_request_ms")
-    async def ModelInfer(self, request, context):  # noqa: N802
-        return await self.data.infer(request, self._model_id(request.model_name, context))
+    async def ModelInferRaw(self, raw: bytes, context) -> bytes:  # noqa: N802
+        """ModelInfer on the request's bytes: routed, and forwarded without re-encoding."""
+        info = CallInfo.from_context(context)
+        model_id = self.data.resolve(wire.model_name(raw) if not info.model_id else "",
+                                     info.model_id, info.vmodel_id)
+        metadata = tuple(info.metadata)
+
+        def local(record: ModelRecord):
+            return self.data.infer_bytes(raw, record, metadata)
+
+        return await self.router.invoke(INFER, raw, model_id, info, local)
 
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator, context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests on one stream are served in order; an error answers that request only."""
+        """Requests on one stream are served in order; an error answers that request only.
+
+        Each request is routed like a ModelInfer call (forwarded as a unary call
+        where another instance serves the model).
+        """
+        info = CallInfo.from_context(context)
         async for request in request_iterator:
             try:
                 model_id = self._model_id(request.model_name, context)
-                response = await self.data.infer(request, model_id)
+                raw = request.SerializeToString()
+
+                def local(record: ModelRecord, raw: bytes = raw):
+                    return self.data.infer_bytes(raw, record, tuple(info.metadata))
+
+                out = await self.router.invoke(INFER, raw, model_id, info, local)
+                response = pb.ModelInferResponse.FromString(out)
                 yield pb.ModelStreamInferResponse(infer_response=response)
             except MeshError as exc:
                 yield pb.ModelStreamInferResponse(
@@ -163,9 +230,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not request.model_name:
             raise InvalidArgument("model_name is required")
         model_id = self._model_id(request.model_name, context)
-        record = await self.instance.registry.require_model(model_id)
-        entry = await self.data.acquire(record)
-        self.instance.cache.release(entry)
+        await self.instance.lifecycle.ensure_loaded(model_id, sync=True)
+        status = self.instance.lifecycle.status(model_id)
+        if status.status == "LOADING_FAILED":
+            raise InvalidArgument(f"model '{model_id}' failed to load: {'; '.join(status.errors)}")
         return pb.RepositoryModelLoadResponse()
 
     @grpc_errors("RepositoryModelUnload")

@@ -73,7 +73,9 @@ class ModelMeshServicer(mm_grpc.ModelMeshServicer):
 
     @grpc_errors("ensureLoaded")
     async def ensureLoaded(self, request, context):  # noqa: N802
-        return status_proto(await self.models.ensure_loaded(request.modelId, sync=request.sync))
+        here = bool(metadata_value(context, "mm-load-here"))
+        return status_proto(await self.models.ensure_loaded(request.modelId, sync=request.sync,
+                                                            here=here))
 
     @grpc_errors("setVModel")
     async def setVModel(self, request, context):  # noqa: N802

@@ -5,7 +5,9 @@ Rules the cache keeps:
   (they all wait on the same load);
 - at most ``max_concurrent_loads`` loads run at a time;
 - the bytes of loaded and loading models never exceed ``capacity_bytes``; room is
-  made by evicting the least recently used models that no request is using;
+  made by evicting models that no request is using, in the order the placement
+  policy's ``evict`` gives (lowest retention priority first; least recently used
+  first when no policy is set);
 - a model in use is never evicted; a load that needs their bytes waits for them;
 - a failed load is remembered for ``failure_ttl`` seconds: requests in that window
   get the failure at once instead of retrying the load in a tight loop.
@@ -25,9 +27,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from modelmesh.errors import CapacityExceeded, MeshError, ModelLoadFailed
+from modelmesh.errors import CapacityExceeded, MeshError, ModelLoadFailed, Unavailable
 from modelmesh.registry.records import ModelRecord
 from modelmesh.runtimes.base import LoadedModel
+from placement import CachedModel, InstanceCache, Policy, rate_after_request
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,8 @@ class CacheEntry:
 
     __slots__ = (
         "model_id", "state", "size", "model", "ready", "in_use", "last_used",
-        "error", "failed_until", "load_ms", "unload_requested",
+        "error", "failed_until", "load_ms", "unload_requested", "hits", "priority",
+        "loaded_at",
     )
 
     def __init__(self, model_id: str, ready: asyncio.Future[None]) -> None:
@@ -66,6 +70,20 @@ class CacheEntry:
         self.failed_until = 0.0
         self.load_ms = 0.0
         self.unload_requested = False
+        self.hits = 0  # uses since loaded (the rate window of this copy reads it)
+        self.priority = 0.0  # retention priority from the policy at the last use
+        self.loaded_at = time.time()
+
+
+@dataclass(slots=True)
+class Usage:
+    """A model's use on this instance: decayed rate and last use (wall-clock seconds).
+
+    Kept when the model is evicted, so a model coming back is valued by its history.
+    """
+
+    rate: float = 0.0
+    last_used: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +111,14 @@ class ModelCache:
         space_wait: float = 30.0,
         on_event: Callable[[CacheEvent], None] | None = None,
         executor: ThreadPoolExecutor | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.capacity_bytes = capacity_bytes
+        self.policy = policy
+        self.usage: dict[str, Usage] = {}
+        self.clock = 0.0  # the pool's aging value (placement.InstanceCache.clock)
+        #: While set, no new load starts (the instance is draining before shutdown).
+        self.refuse_loads = ""
         self.loader = loader
         self.failure_ttl = failure_ttl
         self.space_wait = space_wait
@@ -157,8 +181,7 @@ class ModelCache:
                 entry = self._start_load(record)
             if entry.state is EntryState.LOADED:
                 entry.in_use += 1
-                entry.last_used = time.monotonic()
-                self._entries.move_to_end(model_id)
+                self._touch(entry)
                 return entry
             if entry.state is EntryState.LOADING:
                 await asyncio.shield(entry.ready)
@@ -167,6 +190,23 @@ class ModelCache:
             if time.monotonic() < entry.failed_until:
                 raise ModelLoadFailed(model_id, entry.error)
             del self._entries[model_id]
+
+    def _touch(self, entry: CacheEntry) -> None:
+        """Record one use: LRU order, the model's decayed rate, the copy's priority."""
+        entry.last_used = time.monotonic()
+        entry.hits += 1
+        self._entries.move_to_end(entry.model_id)
+        now = time.time()
+        usage = self.usage.get(entry.model_id)
+        if usage is None:
+            usage = self.usage[entry.model_id] = Usage()
+        usage.rate = rate_after_request(usage.rate, usage.last_used, now)
+        usage.last_used = now
+        if self.policy is not None:
+            entry.priority = self.policy.priority(
+                now=now, size_bytes=entry.size, request_rate=usage.rate, hits_here=entry.hits,
+                load_seconds=max(entry.load_ms / 1000, 0.001), clock=self.clock,
+            )
 
     def release(self, entry: CacheEntry) -> None:
         entry.in_use -= 1
@@ -188,6 +228,8 @@ class ModelCache:
     # -- loading ------------------------------------------------------------------
 
     def _start_load(self, record: ModelRecord) -> CacheEntry:
+        if self.refuse_loads:
+            raise Unavailable(f"not loading '{record.model_id}' here: {self.refuse_loads}")
         loop = asyncio.get_running_loop()
         entry = CacheEntry(record.model_id, loop.create_future())
         self._entries[record.model_id] = entry
@@ -223,7 +265,9 @@ class ModelCache:
                 entry.model = model
                 entry.load_ms = (time.perf_counter() - started) * 1000
                 entry.state = EntryState.LOADED
-                entry.last_used = time.monotonic()
+                entry.loaded_at = time.time()
+                self._touch(entry)  # the load is for a use: it starts valued as one
+                entry.hits = 0
                 self.loads += 1
                 if entry.unload_requested:
                     self._drop(entry, "unregistered")
@@ -277,17 +321,58 @@ class ModelCache:
                 pass
 
     def _evict_for(self, needed: int, keep: CacheEntry) -> int:
-        """Evict idle loaded models, least recently used first, until ``needed`` bytes free."""
+        """Evict idle loaded models until ``needed`` more bytes are free; returns bytes freed.
+
+        The order is the placement policy's (``Policy.evict``); without a policy,
+        least recently used first. When not enough can be freed now, it still
+        evicts what it can, so that the waiting load needs fewer in-use models
+        to finish.
+        """
+        victims = self.choose_victims(needed, keep)
         freed = 0
-        for entry in list(self._entries.values()):
-            if freed >= needed:
-                break
-            if entry is keep or entry.state is not EntryState.LOADED or entry.in_use:
-                continue
+        for model_id in victims:
+            entry = self._entries[model_id]
             freed += entry.size
             self.evictions += 1
             self._drop(entry, "evicted")
         return freed
+
+    def choose_victims(self, needed: int, keep: CacheEntry | None = None) -> list[str]:
+        """The models ``_evict_for`` would unload to free ``needed`` bytes (nothing changes)."""
+        def evictable(e: CacheEntry) -> bool:
+            return e is not keep and e.state is EntryState.LOADED and not e.in_use
+
+        if self.policy is None:
+            victims, freed = [], 0
+            for entry in self._entries.values():  # LRU order
+                if freed >= needed:
+                    break
+                if evictable(entry):
+                    victims.append(entry.model_id)
+                    freed += entry.size
+            return victims
+        snapshot = self.snapshot(keep)
+        chosen = self.policy.evict(snapshot, snapshot.free_bytes + needed)
+        if chosen is None:  # cannot free it all: take every evictable model, lowest first
+            chosen = [e.model_id for e in sorted(
+                (e for e in snapshot.entries if not e.in_use),
+                key=lambda e: (e.priority, e.model_id))]
+        self.clock = self.policy.clock_after_evict(snapshot, chosen)
+        return chosen
+
+    def snapshot(self, keep: CacheEntry | None = None) -> InstanceCache:
+        """This cache as placement's ``InstanceCache`` (in use / loading count as pinned)."""
+        mono, wall = time.monotonic(), time.time()
+        return InstanceCache(
+            instance_id="", capacity_bytes=self.capacity_bytes, clock=self.clock,
+            entries=tuple(
+                CachedModel(
+                    e.model_id, e.size, e.priority, wall - (mono - e.last_used),
+                    in_use=e is keep or e.state is not EntryState.LOADED or e.in_use > 0,
+                )
+                for e in self._entries.values() if e.size > 0
+            ),
+        )
 
     def _drop(self, entry: CacheEntry, reason: str) -> None:
         """Remove a loaded model now and release its resources in the background."""

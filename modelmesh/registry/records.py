@@ -56,7 +56,8 @@ class ModelRecord(_Record):
     schema_path: str = ""
     size_estimate: int = 0  # bytes, from the runtime's prediction or a measured load
     created_ms: int = 0
-    last_used_ms: int = 0
+    last_used_ms: int = 0  # written back when a copy is evicted (placement's fill uses it)
+    request_rate: float = 0.0  # decayed requests/s as of last_used_ms
     auto_delete: bool = False  # owned by a vmodel: deleted when no longer referenced
     min_copies: int = 0
     max_copies: int = 0  # 0 = no limit
@@ -94,6 +95,10 @@ class InstanceRecord(_Record):
     used_bytes: int = 0
     model_count: int = 0
     loading_count: int = 0
+    loading_slots: int = 1
+    concurrency: int = 1  # requests it runs at once (inference threads)
+    pinned_bytes: int = 0  # of used_bytes: models in use or loading (not evictable now)
+    min_priority: float | None = None  # lowest retention priority among evictable models
     lru_time_ms: int = 0
     requests_per_minute: float = 0.0
     in_flight: int = 0
@@ -114,6 +119,7 @@ class CopyRecord(_Record):
     load_time_ms: int = 0
     error: str = ""
     updated_ms: int = 0
+    request_rate: float = 0.0  # requests/s this copy served over the holder's last window
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", CopyState(self.state))

@@ -26,6 +26,7 @@ from modelmesh.registry.records import (
     InstanceRecord,
     ModelRecord,
     VModelRecord,
+    replace,
 )
 
 log = logging.getLogger(__name__)
@@ -383,3 +384,45 @@ class Registry:
 
     async def delete_copy(self, model_id: str, instance_id: str) -> None:
         await self.client.delete(self.key(COPIES, model_id, instance_id))
+
+    # -- usage and leadership ---------------------------------------------------
+
+    async def record_use(self, model_id: str, last_used_ms: int = 0, request_rate: float = 0.0,
+                         size_bytes: int = 0) -> None:
+        """Store a model's last use and rate, or its measured size, in its record.
+
+        Compare-and-set on the record's revision: a registration that changed
+        meanwhile is never overwritten.
+        """
+        key = self.key(MODELS, model_id)
+        kv = await self.client.get(key)
+        if kv is None:
+            return
+        rec = ModelRecord.from_json(kv.value, model_id=model_id)
+        new = rec
+        if last_used_ms > rec.last_used_ms:
+            new = replace(new, last_used_ms=last_used_ms, request_rate=round(request_rate, 6))
+        if size_bytes and size_bytes != rec.size_estimate:
+            new = replace(new, size_estimate=size_bytes)
+        if new == rec:
+            return
+        await self.client.txn([e.cmp_mod_revision(key, "==", kv.mod_revision)],
+                              [e.op_put(key, new.to_json())])
+
+    async def try_lead(self, instance_id: str, lease: int) -> bool:
+        """Become the leader if there is none; True while ``instance_id`` is the leader.
+
+        The ``leader`` key is bound to the leader's lease, so it disappears when the
+        leader dies and the next instance to ask takes over.
+        """
+        key = self._p + b"leader"
+        resp = await self.client.txn(
+            [e.cmp_version(key, "==", 0)],
+            [e.op_put(key, instance_id.encode(), lease)],
+            [e.op_get(key)],
+        )
+        if resp.succeeded:
+            log.info("this instance (%s) is now the mesh leader", instance_id)
+            return True
+        kvs = resp.responses[0].response_range.kvs
+        return bool(kvs) and kvs[0].value == instance_id.encode()

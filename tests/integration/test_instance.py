@@ -55,7 +55,8 @@ def test_eviction_under_small_capacity(mesh_factory, etcd_server, demo_models):
             ext.ClusterStatusRequest(), timeout=10).instances[0].usedBytes
     probe.stop()
     capacity = int(size * 2.5)
-    small = mesh_factory(etcd=etcd_server, capacity=str(capacity))
+    # Plain LRU so that the order is predictable (density would keep the smallest copy).
+    small = mesh_factory("--placement", "lru", etcd=etcd_server, capacity=str(capacity))
     with grpc.insecure_channel(small.endpoint) as ch:
         stub = mm_grpc.ModelMeshStub(ch)
         ext_stub = ext_grpc.ModelMeshExtensionsStub(ch)
