@@ -71,9 +71,57 @@ class Metrics:
             "modelmesh_models_with_registration_total", "Models registered in the mesh",
             registry=r,
         )
+        self.forwarded = Counter(
+            "modelmesh_forwarded_requests", "Requests this instance forwarded to another",
+            ["code"], registry=r,
+        )
+        self.forward_ms = Histogram(
+            "modelmesh_forward_request_milliseconds",
+            "Time to forward a request to another instance and get its answer",
+            buckets=_MS_BUCKETS, registry=r,
+        )
+        self.copy_changes = Counter(
+            "modelmesh_copy_changes", "Copies added or removed by periodic rebalancing",
+            ["action"], registry=r,
+        )
         self.request_bytes = Histogram(
             "modelmesh_request_size_bytes", "Inference request payload size",
             buckets=(1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8), registry=r,
+        )
+        # Storage: models pulled from object storage, and the local disk cache below memory.
+        self.storage_downloads = Counter(
+            "modelmesh_storage_downloads", "Models downloaded from storage (all their files)",
+            ["scheme"], registry=r,
+        )
+        self.storage_download_failures = Counter(
+            "modelmesh_storage_download_failures", "Model downloads from storage that failed",
+            ["scheme"], registry=r,
+        )
+        self.storage_downloaded_bytes = Counter(
+            "modelmesh_storage_downloaded_bytes", "Bytes downloaded from storage", registry=r,
+        )
+        self.storage_download_seconds = Histogram(
+            "modelmesh_storage_download_seconds", "Time to download one model from storage",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r,
+        )
+        self.disk_cache_hits = Counter(
+            "modelmesh_disk_cache_hits", "Remote model loads served from the local disk cache",
+            registry=r,
+        )
+        self.disk_cache_misses = Counter(
+            "modelmesh_disk_cache_misses", "Remote model loads that had to download", registry=r,
+        )
+        self.disk_cache_used_bytes = Gauge(
+            "modelmesh_disk_cache_used_bytes", "Bytes of models in the local disk cache",
+            registry=r,
+        )
+        self.disk_cache_capacity_bytes = Gauge(
+            "modelmesh_disk_cache_capacity_bytes", "Byte budget of the local disk cache",
+            registry=r,
+        )
+        self.disk_cache_evictions = Gauge(
+            "modelmesh_disk_cache_evictions",
+            "Models evicted from the local disk cache since start", registry=r,
         )
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:

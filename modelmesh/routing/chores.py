@@ -132,6 +132,7 @@ class Chores:
                     log.info("scaling down %s here (%s)", rec.model_id, action.reason)
                     self.router.last_removed[rec.model_id] = now
                     self.cache.unload(rec.model_id, reason="scaled down")
+                    self.instance.metrics.copy_changes.labels("remove").inc()
             elif isinstance(action, AddCopy):
                 holders = self._live_copies(rec.model_id, (CopyState.LOADED, CopyState.LOADING))
                 if not holders or holders[0] != me:
@@ -150,6 +151,7 @@ class Chores:
         async def go() -> None:
             try:
                 await self.router.load_on(target, model_id, timeout=30.0)
+                self.instance.metrics.copy_changes.labels("add").inc()
             except MeshError as exc:
                 log.info("could not add a copy of %s on %s: %s", model_id, target, exc)
             finally:

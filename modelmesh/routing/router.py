@@ -141,7 +141,6 @@ class Router:
         self._pending: dict[str, tuple[str, int, float]] = {}
         self.last_removed: dict[str, float] = {}  # model -> wall time a copy was scaled down here
         self.copy_rates: dict[str, float] = {}  # model -> requests/s of the copy here (chores)
-        self.forwarded = 0
 
     @property
     def me(self) -> str:
@@ -239,11 +238,18 @@ class Router:
         if load:
             metadata.append((LOAD_HERE, "1"))
         self.outstanding[target] += 1
-        self.forwarded += 1
+        metrics = self.instance.metrics
+        start = time.perf_counter()
+        code = "OK"
         try:
             return await self.peers.call(rec.endpoint, method, raw, metadata, info.timeout)
+        except PeerError as exc:
+            code = exc.code.name
+            raise
         finally:
             self.outstanding[target] -= 1
+            metrics.forwarded.labels(code).inc()
+            metrics.forward_ms.observe((time.perf_counter() - start) * 1000)
 
     def suspect(self, instance_id: str) -> None:
         """Leave an unreachable instance out of decisions for a while."""

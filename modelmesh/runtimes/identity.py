@@ -13,12 +13,19 @@ shape ``[1]``, holding the request parameters as JSON (keys sorted). With a
 declared signature, inputs must match it by name, datatype and shape
 (``-1``: any size). Declared outputs default to the inputs.
 
-Size: ``predict_size`` and the measured size are both the file's size.
+Two optional keys make it stand in for a real model in tests and load
+experiments: ``"delay_ms"`` (each ``predict`` takes at least this long, like a
+heavier model; at most 60000) and ``"memory_bytes"`` (the size it reports and is
+accounted at, like a bigger model).
+
+Size: ``predict_size`` and the measured size are both the file's size, or
+``memory_bytes`` when given.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +46,20 @@ from modelmesh.tensor import ModelSignature, Parameters, Tensor, TensorSpec
 SUFFIXES = (".json",)
 #: Name of the output that carries the request parameters as JSON.
 PARAMETERS_OUTPUT = "parameters"
-_KEYS = {"description", "inputs", "outputs"}
+_KEYS = {"description", "inputs", "outputs", "delay_ms", "memory_bytes"}
 
 
 class IdentityRuntime(Runtime):
     model_type = "identity"
 
     def predict_size(self, path: Path) -> int:
+        try:
+            spec = json.loads(model_file(path, self.model_type, SUFFIXES).read_bytes())
+            declared = spec.get("memory_bytes") if isinstance(spec, dict) else None
+            if isinstance(declared, int) and declared > 0:
+                return declared
+        except (OSError, ValueError, BadModelFile):
+            pass  # the load reports what is wrong with the file
         return max(1, total_size(path))
 
     def load(self, path: Path, model_id: str) -> LoadedModel:
@@ -60,7 +74,20 @@ class IdentityRuntime(Runtime):
                     f"{file.name} is not a JSON identity model description ({exc}); it looks "
                     f"like {looks_like(raw[:64])}"
                 ) from exc
-            return IdentityModel(model_id, parse_signature(spec, file.name), len(raw))
+            sig = parse_signature(spec, file.name)
+            delay, memory = _knobs(spec, file.name)
+            return IdentityModel(model_id, sig, memory or len(raw), delay)
+
+
+def _knobs(spec: dict[str, Any], filename: str) -> tuple[float, int]:
+    """(delay in seconds, declared memory bytes or 0) from an identity model file."""
+    delay = spec.get("delay_ms", 0)
+    memory = spec.get("memory_bytes", 0)
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay <= 60000:
+        raise BadModelFile(f"{filename}: delay_ms must be a number of milliseconds in [0, 60000]")
+    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
+        raise BadModelFile(f"{filename}: memory_bytes must be a non-negative integer")
+    return delay / 1000, memory
 
 
 def parse_signature(spec: Any, filename: str) -> ModelSignature:
@@ -106,10 +133,12 @@ def _tensor_spec(s: Any, filename: str) -> TensorSpec:
 
 
 class IdentityModel(LoadedModel):
-    def __init__(self, model_id: str, signature: ModelSignature, size: int) -> None:
+    def __init__(self, model_id: str, signature: ModelSignature, size: int,
+                 delay: float = 0.0) -> None:
         self.model_id = model_id
         self.signature = signature
         self.size_bytes = max(1, size)
+        self.delay = delay
 
     def predict(self, inputs: list[Tensor], parameters: Parameters) -> list[Tensor]:
         for t in inputs:
@@ -120,6 +149,8 @@ class IdentityModel(LoadedModel):
                 )
         if self.signature.inputs:
             self._check(inputs)
+        if self.delay:
+            time.sleep(self.delay)
         echoed = json.dumps(dict(parameters), sort_keys=True).encode("utf-8")
         params = np.empty(1, dtype=object)
         params[0] = echoed
