@@ -34,6 +34,7 @@ from modelmesh.registry.records import CopyRecord, CopyState, InstanceRecord
 from modelmesh.registry.store import INSTANCES, Change, Registry, now_ms
 from modelmesh.routing.chores import Chores
 from modelmesh.routing.router import Router
+from modelmesh.runtimes.remote import RuntimeBinding, connect_runtime
 from modelmesh.settings import Settings
 from modelmesh.storage import LocalModelLoader
 from placement import get_policy
@@ -54,6 +55,7 @@ class MeshInstance:
         self.instance_id = ""
         self.metrics = Metrics()
         self.embedded_etcd: EmbeddedEtcd | None = None
+        self.runtime: RuntimeBinding | None = None  # a runtime server (--runtime), if any
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lease = 0
         self._copies: dict[str, CopyRecord | None] = {}  # desired copy records, by model
@@ -94,8 +96,12 @@ class MeshInstance:
         self.concurrency = threads
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mm-infer")
         name, params = s.placement
+        files = LocalModelLoader.from_settings(s, self.metrics)
+        if s.runtime != "embedded":  # models run in a runtime server, within its limits
+            self.runtime = await asyncio.to_thread(connect_runtime, s, files)
+            s = self.settings = self.runtime.apply(s)
         self.cache = ModelCache(
-            s.capacity, LocalModelLoader(Path(s.models_root)),
+            s.capacity, self.runtime.loader if self.runtime is not None else files,
             max_concurrent_loads=s.max_concurrent_loads, failure_ttl=s.load_failure_ttl,
             space_wait=s.load_timeout, on_event=self._on_cache_event,
             policy=get_policy(name, **params),
@@ -161,11 +167,13 @@ class MeshInstance:
             await self.router.close()
         if hasattr(self, "cache"):
             await self.cache.close()
+        if self.runtime is not None:
+            await self.runtime.close()
         if self._lease:
-            try:
-                await self.client.lease_revoke(self._lease)  # drops our record and copies
-            except MeshError as exc:
-                log.warning("could not revoke lease on shutdown: %s", exc)
+            try:  # drops our record and copies at once (else they expire with the lease)
+                await asyncio.wait_for(self.client.lease_revoke(self._lease), 3.0)
+            except (MeshError, TimeoutError) as exc:
+                log.warning("could not revoke lease on shutdown: %s", exc or "timed out")
         if hasattr(self, "client"):
             await self.client.close()
         if hasattr(self, "executor"):

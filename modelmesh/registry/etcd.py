@@ -73,8 +73,10 @@ def _kv(kv: rpc.KeyValue) -> KV:
 
 
 # Comparisons and operations for transactions, as raw etcd messages.
-def cmp_version(key: bytes, op: str, version: int) -> rpc.Compare:
-    return rpc.Compare(key=key, target=rpc.Compare.VERSION, result=_RESULT[op], version=version)
+def cmp_version(key: bytes, op: str, version: int, prefix: bool = False) -> rpc.Compare:
+    """Compare a key's version; with ``prefix``, every key under it (none: version 0)."""
+    return rpc.Compare(key=key, target=rpc.Compare.VERSION, result=_RESULT[op], version=version,
+                       range_end=prefix_end(key) if prefix else b"")
 
 
 def cmp_mod_revision(key: bytes, op: str, revision: int) -> rpc.Compare:
@@ -104,8 +106,9 @@ def op_delete(key: bytes, prefix: bool = False) -> rpc.RequestOp:
     return rpc.RequestOp(request_delete_range=req)
 
 
-def op_get(key: bytes) -> rpc.RequestOp:
-    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key))
+def op_get(key: bytes, prefix: bool = False) -> rpc.RequestOp:
+    return rpc.RequestOp(request_range=rpc.RangeRequest(
+        key=key, range_end=prefix_end(key) if prefix else b""))
 
 
 class EtcdClient:

@@ -23,6 +23,7 @@ from modelmesh.errors import AlreadyExists, InvalidArgument, MeshError, ModelNot
 from modelmesh.registry import etcd as e
 from modelmesh.registry.records import (
     CopyRecord,
+    CopyState,
     InstanceRecord,
     ModelRecord,
     VModelRecord,
@@ -381,6 +382,30 @@ class Registry:
             [e.op_put(self.key(COPIES, record.model_id, record.instance_id),
                       record.to_json(), lease)],
         )
+
+    async def claim_copy(self, model_id: str, instance_id: str,
+                         lease: int) -> dict[str, CopyRecord] | None:
+        """Claim the first copy of a model that has none: one load for the whole mesh.
+
+        Atomically writes a LOADING copy record for ``instance_id`` if no copy
+        record of the model exists anywhere. Returns None when claimed, else the
+        copies that exist (by instance id).
+        """
+        prefix = self.key(COPIES, model_id) + b"/"
+        mine = CopyRecord(model_id, instance_id, CopyState.LOADING, updated_ms=now_ms())
+        resp = await self.client.txn(
+            [e.cmp_version(prefix, "==", 0, prefix=True),
+             e.cmp_version(self.key(MODELS, model_id), ">", 0)],
+            [e.op_put(self.key(COPIES, model_id, instance_id), mine.to_json(), lease)],
+            [e.op_get(prefix, prefix=True)],
+        )
+        if resp.succeeded:
+            return None
+        out = {}
+        for kv in resp.responses[0].response_range.kvs:
+            iid = kv.key[len(prefix):].decode()
+            out[iid] = CopyRecord.from_json(kv.value, model_id=model_id, instance_id=iid)
+        return out
 
     async def delete_copy(self, model_id: str, instance_id: str) -> None:
         await self.client.delete(self.key(COPIES, model_id, instance_id))

@@ -21,6 +21,7 @@ another copy or a new placement; one that refuses (it is draining) is skipped.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -163,6 +164,8 @@ class Router:
         if here or info.load_here or info.hops >= self.max_hops:
             if not here and self.instance.draining:
                 raise Rejected(f"instance {self.me} is shutting down and loads nothing new")
+            if not here and info.hops < self.max_hops:
+                return await self._load_here(method, raw, record, info, local)
             return await self._local(local, record)
         tried: set[str] = set()
         last: PeerError | None = None
@@ -171,6 +174,8 @@ class Router:
             if target is None:
                 break
             if target == self.me:
+                if load:
+                    return await self._load_here(method, raw, record, info, local)
                 return await self._local(local, record)
             try:
                 return await self._forward(target, method, raw, info, load, model_id)
@@ -206,6 +211,50 @@ class Router:
         if self.instance.draining:
             raise Unavailable(f"model '{record.model_id}': no instance can load it now")
         return await self._local(local, record)
+
+    async def _load_here(self, method: str, raw: bytes, record: ModelRecord, info: CallInfo,
+                         local: Callable[[ModelRecord], Awaitable[bytes]]) -> bytes:
+        """Load a model that has no copy here, unless another instance got to it first.
+
+        The claim is one etcd transaction that creates this instance's LOADING
+        copy record only if the model has no copy record anywhere; so when
+        several instances decide at once to load the same cold model, one loads
+        and the others forward to it. Without etcd the load goes ahead here.
+        """
+        model_id = record.model_id
+        try:
+            existing = await asyncio.wait_for(
+                self.registry.claim_copy(model_id, self.me, self.instance.lease), 2.0)
+        except (MeshError, TimeoutError):
+            existing = None
+        if existing:
+            live = self.registry.instances
+            holders = sorted(
+                (c.state is not RecordCopyState.LOADED, iid) for iid, c in existing.items()
+                if iid != self.me and c.state is not RecordCopyState.FAILED and iid in live
+                and not live[iid].shutting_down and iid not in self._excluded()
+            )
+            if holders:
+                holder = holders[0][1]
+                try:
+                    return await self._forward(holder, method, raw, info, False, model_id)
+                except PeerError as exc:
+                    if exc.reached and REJECT not in exc.trailing:
+                        raise PeerStatus(exc.code, exc.details) from None
+                    if not exc.reached:
+                        self.suspect(holder)
+        try:
+            return await self._local(local, record)
+        except MeshError:
+            if existing is None and self.cache.get(model_id) is None:
+                self.instance.spawn(self._unclaim(model_id), name=f"unclaim:{model_id}")
+            raise
+
+    async def _unclaim(self, model_id: str) -> None:
+        try:
+            await self.registry.delete_copy(model_id, self.me)
+        except MeshError as exc:
+            log.debug("could not remove the copy claim of %s: %s", model_id, exc)
 
     def _known_size(self, record: ModelRecord) -> int:
         """Bytes of the model as measured or estimated (0: nobody knows yet)."""

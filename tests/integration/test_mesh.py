@@ -378,5 +378,7 @@ def test_etcd_outage_keeps_loaded_models_served(mesh_factory, tmp_path, models_r
             with triton.InferenceServerClient(mp.endpoint) as c:
                 assert np.all(infer(c, "after", 4.0) == 4.0)
         assert wait_until(lambda: len(instances(ingress)) == 3, 15)
+        for mp in meshes:
+            assert mp.stop() == 0  # a clean exit while etcd is up
     finally:
         etcd.stop()
