@@ -1,4 +1,4 @@
-"""The ``modelmesh`` command: serve, register, unregister, status, list, simulate."""
+"""The ``modelmesh`` command: serve, runtime, register, unregister, status, list, simulate."""
 
 from __future__ import annotations
 
@@ -63,6 +63,15 @@ def _serve(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+# -- runtime --------------------------------------------------------------------------
+
+
+def _runtime(args: argparse.Namespace) -> int:
+    from modelmesh.runtime_server import main as runtime_main
+
+    return runtime_main(args)
+
+
 # -- client commands -------------------------------------------------------------------
 
 
@@ -103,6 +112,10 @@ def _register(args: argparse.Namespace) -> int:
         loadNow=args.load_now, sync=args.sync,
     )
     metadata = [("mm-replace", "true")] if args.replace else []
+    if args.min_copies:
+        metadata.append(("mm-min-copies", str(args.min_copies)))
+    if args.max_copies:
+        metadata.append(("mm-max-copies", str(args.max_copies)))
     try:
         info = stub.registerModel(req, metadata=metadata, timeout=args.timeout)
     except grpc.RpcError as exc:
@@ -246,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=_serve)
 
+    from modelmesh.runtime_server import add_arguments as add_runtime_arguments
+
+    p = sub.add_parser("runtime", help="run the built-in runtime as its own process "
+                       "(mmesh.ModelRuntime + V2 inference) for serve --runtime mmesh:...")
+    add_runtime_arguments(p)
+    p.set_defaults(func=_runtime)
+
     def client(name: str, help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
         c.add_argument("--endpoint", default=os.environ.get("MM_ENDPOINT", DEFAULT_ENDPOINT),
@@ -255,13 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = client("register", "register a model (or many with --from-file)")
     p.add_argument("model_id", nargs="?")
-    p.add_argument("--type", help="sklearn, xgboost, lightgbm, onnx, identity")
+    p.add_argument("--type", help="sklearn, xgboost, lightgbm, onnx, torchscript, identity")
     p.add_argument("--path", help="model file, relative to the models root")
     p.add_argument("--key", help="storage key")
     p.add_argument("--load-now", action="store_true", help="start loading right away")
     p.add_argument("--sync", action="store_true", help="with --load-now: wait for the load")
     p.add_argument("--replace", action="store_true",
                    help="replace an existing registration with a different definition")
+    p.add_argument("--min-copies", type=int, default=0,
+                   help="copies kept loaded even without traffic (default 0)")
+    p.add_argument("--max-copies", type=int, default=0,
+                   help="most copies scaling may create (default 0: no limit)")
     p.add_argument("--from-file", help="CSV of model_id,type,path to register in bulk")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_register)

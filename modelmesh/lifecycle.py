@@ -26,7 +26,7 @@ from modelmesh.registry.records import (
 )
 from modelmesh.registry.store import Change, now_ms, validate_id
 from modelmesh.runtimes import MODEL_TYPES
-from modelmesh.storage import resolve_model_path
+from modelmesh.storage import check_model_location
 
 if TYPE_CHECKING:
     from modelmesh.instance import MeshInstance
@@ -73,9 +73,19 @@ class ModelLifecycle:
     # -- models ---------------------------------------------------------------------
 
     def new_record(self, model_id: str, model_type: str, path: str, key: str = "",
-                   auto_delete: bool = False) -> ModelRecord:
-        """Validate a registration and build its record (nothing is written)."""
+                   auto_delete: bool = False, min_copies: int = 0,
+                   max_copies: int = 0) -> ModelRecord:
+        """Validate a registration and build its record (nothing is written).
+
+        ``min_copies``: copies kept loaded even without traffic; ``max_copies``:
+        most copies scaling may create (0: no limit).
+        """
         validate_id("model id", model_id)
+        if not 0 <= min_copies <= 64 or not 0 <= max_copies <= 64:
+            raise InvalidArgument(f"model '{model_id}': copy limits must be between 0 and 64")
+        if max_copies and min_copies > max_copies:
+            raise InvalidArgument(
+                f"model '{model_id}': min copies ({min_copies}) exceed max copies ({max_copies})")
         if not model_type:
             raise InvalidArgument(f"model '{model_id}': modelInfo.type is required")
         if model_type not in MODEL_TYPES:
@@ -83,9 +93,10 @@ class ModelLifecycle:
                 f"model '{model_id}': unknown model type '{model_type}' "
                 f"(known: {', '.join(sorted(MODEL_TYPES))})"
             )
-        resolve_model_path(self.instance.settings.models_root, path)  # refuses escapes
+        check_model_location(self.instance.settings, path, key)  # refuses escapes
         return ModelRecord(model_id=model_id, model_type=model_type, path=path,
-                           storage_key=key, created_ms=now_ms(), auto_delete=auto_delete)
+                           storage_key=key, created_ms=now_ms(), auto_delete=auto_delete,
+                           min_copies=min_copies, max_copies=max_copies)
 
     async def register(self, record: ModelRecord, *, replace: bool = False,
                        load_now: bool = False, sync: bool = False) -> ModelStatus:

@@ -8,7 +8,7 @@ from modelmesh._proto.mmesh import mesh_extensions_pb2 as ext
 from modelmesh._proto.mmesh import mesh_extensions_pb2_grpc as ext_grpc
 from modelmesh._proto.mmesh import model_mesh_pb2 as mm
 from modelmesh._proto.mmesh import model_mesh_pb2_grpc as mm_grpc
-from modelmesh.api.errors import grpc_errors, metadata_value
+from modelmesh.api.errors import grpc_errors, metadata_value, metadata_values
 from modelmesh.errors import InvalidArgument, MeshError
 from modelmesh.lifecycle import ModelStatus, VModelStatus
 
@@ -40,6 +40,16 @@ def vstatus_proto(v: VModelStatus) -> mm.VModelStatusInfo:
     )
 
 
+def _count(name: str, text: str) -> int:
+    """A copy-count metadata value ("" = 0)."""
+    if not text.strip():
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidArgument(f"metadata {name} must be a whole number, not {text!r}") from None
+
+
 def _truthy(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes")
 
@@ -53,9 +63,12 @@ class ModelMeshServicer(mm_grpc.ModelMeshServicer):
     @grpc_errors("registerModel")
     async def registerModel(self, request, context):  # noqa: N802
         info = request.modelInfo
-        record = self.models.new_record(request.modelId, info.type, info.path, info.key)
+        replace, lo, hi = metadata_values(context, "mm-replace", "mm-min-copies", "mm-max-copies")
+        record = self.models.new_record(request.modelId, info.type, info.path, info.key,
+                                        min_copies=_count("mm-min-copies", lo),
+                                        max_copies=_count("mm-max-copies", hi))
         status = await self.models.register(
-            record, replace=_truthy(metadata_value(context, "mm-replace")),
+            record, replace=_truthy(replace),
             load_now=request.loadNow, sync=request.sync,
         )
         return status_proto(status)

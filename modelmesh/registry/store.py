@@ -242,7 +242,19 @@ class Registry:
                 continue  # deleted in between: try the create again
             existing = ModelRecord.from_json(kvs[0].value, model_id=record.model_id)
             if existing.same_definition(record):
-                return existing
+                limits = (record.min_copies, record.max_copies)
+                if limits == (existing.min_copies, existing.max_copies):
+                    return existing
+                # Same model, new copy limits: update them in place.
+                updated = replace(existing, min_copies=limits[0], max_copies=limits[1])
+                resp = await self.client.txn(
+                    [e.cmp_mod_revision(key, "==", kvs[0].mod_revision)],
+                    [e.op_put(key, updated.to_json())],
+                )
+                if resp.succeeded:
+                    await self.wait_for(resp.header.revision)
+                    return updated
+                continue
             if not replace:
                 raise AlreadyExists(
                     f"model '{record.model_id}' is already registered with a different "

@@ -325,7 +325,8 @@ class Router:
         cluster = self.cluster_snapshot(excluded)
         model = self.model_snapshot(record, excluded)
         model_id = record.model_id
-        if balanced and self.me not in excluded and not self.instance.draining:
+        at_max = bool(record.max_copies) and len(model.holders) >= record.max_copies
+        if balanced and not at_max and self.me not in excluded and not self.instance.draining:
             local = cluster.instance(self.me)
             if local is not None and model.size_bytes <= local.cpu.capacity_bytes:
                 return self.me, True

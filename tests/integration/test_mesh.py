@@ -383,3 +383,76 @@ def test_etcd_outage_keeps_loaded_models_served(mesh_factory, tmp_path, models_r
             assert mp.stop() == 0  # a clean exit while etcd is up
     finally:
         etcd.stop()
+
+
+def test_min_and_max_copies(mesh_factory, etcd_server, models_root):
+    extra = ["--placement", "density:settle_s=2", "--inference-threads", "2"]
+    meshes = start_mesh(mesh_factory, etcd_server, "limits", 3, *extra)
+    ingress = meshes[0].endpoint
+    with grpc.insecure_channel(ingress) as ch:
+        stub = mm_grpc.ModelMeshStub(ch)
+        for model, md in (("pinned", [("mm-min-copies", "2")]),
+                          ("capped", [("mm-max-copies", "1")])):
+            stub.registerModel(mm.RegisterModelRequest(
+                modelId=model, modelInfo=mm.ModelInfo(
+                    type="identity", path=identity_file(models_root, f"limits-{model}",
+                                                        delay_ms=20 if model == "capped" else 0))),
+                metadata=md, timeout=10)
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.registerModel(mm.RegisterModelRequest(
+                modelId="bad-limits", modelInfo=mm.ModelInfo(
+                    type="identity", path=identity_file(models_root, "limits-bad"))),
+                metadata=[("mm-min-copies", "3"), ("mm-max-copies", "2")], timeout=10)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # min copies: loaded on two instances without a single request.
+    assert wait_until(
+        lambda: sum(s == "LOADED" for s in copies(ingress, "pinned").values()) == 2, 20, 0.5), \
+        copies(ingress, "pinned")
+    # max copies: as hot as the model that gained copies above, still one copy.
+    with Traffic(ingress, ["capped"], threads=8) as traffic:
+        time.sleep(8)
+        states = copies(ingress, "capped")
+    assert not traffic.failures()
+    assert list(states.values()) == ["LOADED"], states
+
+
+def test_rolling_restart_under_traffic_fails_no_request(mesh_factory, etcd_server, models_root):
+    meshes = start_mesh(mesh_factory, etcd_server, "rolling", 3)
+    models = {f"r{i:02d}": identity_file(models_root, f"rolling-{i}", memory_bytes=1_000_000)
+              for i in range(20)}
+    register(meshes[0].endpoint, models)
+    # Like a Kubernetes Service: clients use the instances that are not terminating.
+    ready = [mp.endpoint for mp in meshes]
+    results: list[tuple[str, bool, str]] = []
+    stop = threading.Event()
+
+    def client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            endpoint = ready[int(rng.integers(len(ready)))]
+            model = sorted(models)[int(rng.integers(len(models)))]
+            try:
+                with triton.InferenceServerClient(endpoint) as c:
+                    results.append((model, bool(np.all(infer(c, model, 2.0) == 2.0)), ""))
+            except InferenceServerException as exc:
+                results.append((model, False, f"{endpoint}: {exc}"))
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        for mp in meshes:
+            ready.remove(mp.endpoint)
+            time.sleep(0.3)  # the endpoint change reaching clients
+            assert mp.stop(signal.SIGTERM, timeout=60) == 0
+            mp.start()
+            ready.append(mp.endpoint)
+            time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert len(results) > 200
+    failed = [r for r in results if not r[1]]
+    assert not failed, failed[:5]
