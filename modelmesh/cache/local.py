@@ -283,7 +283,9 @@ class ModelCache:
             self._resize(entry, 0)
             entry.state = EntryState.FAILED
             entry.error = reason
-            entry.failed_until = time.monotonic() + self.failure_ttl
+            # A lack of room right now is not the model's fault: the next request retries.
+            transient = getattr(exc, "transient", False)
+            entry.failed_until = time.monotonic() + (0.0 if transient else self.failure_ttl)
             if model is not None:
                 await loop.run_in_executor(self._executor, model.unload)
             if entry.unload_requested and self._entries.get(entry.model_id) is entry:
@@ -310,10 +312,12 @@ class ModelCache:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise CapacityExceeded(
+                err = CapacityExceeded(
                     f"no room to load '{loading.model_id}' ({needed} bytes): the other "
                     f"{self._used} bytes are in use or loading"
                 )
+                err.transient = True  # type: ignore[attr-defined]
+                raise err
             self._space_freed.clear()
             try:
                 await asyncio.wait_for(self._space_freed.wait(), remaining)
