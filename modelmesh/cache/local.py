@@ -185,6 +185,8 @@ class ModelCache:
                 return entry
             if entry.state is EntryState.LOADING:
                 await asyncio.shield(entry.ready)
+                if entry.state is EntryState.FAILED:  # the load this request waited for
+                    raise ModelLoadFailed(model_id, entry.error)
                 continue
             # FAILED
             if time.monotonic() < entry.failed_until:
