@@ -48,6 +48,40 @@ def _endpoints(text: str | list[str]) -> list[str]:
     return [p.strip() for p in str(text).split(",") if p.strip()]
 
 
+def _placement(text: str | tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """``NAME[:PARAM=VALUE,...]`` -> (name, params); numbers are parsed, the policy checks them."""
+    if isinstance(text, tuple):
+        return text
+    name, _, rest = str(text).strip().partition(":")
+    params: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"placement parameter {part!r} is not PARAM=VALUE")
+        try:
+            params[key.strip()] = float(value) if "." in value or "e" in value else int(value)
+        except ValueError:
+            params[key.strip()] = value.strip()
+    from placement import get_policy
+
+    get_policy(name or "density", **params)  # raises ValueError naming what is wrong
+    return name or "density", params
+
+
+def _runtime(text: str) -> str:
+    """Validate a ``--runtime`` value (syntax in ``modelmesh.runtimes.remote.RuntimeAddress``)."""
+    from modelmesh.runtimes.remote import RuntimeAddress
+
+    return str(RuntimeAddress.parse(str(text)))
+
+
+def _storage_config(text: str) -> str:
+    """The storage configuration source; it must load now, so a typo fails at start-up."""
+    from modelmesh.storage.config import check_source
+
+    return check_source(text)
+
+
 @dataclass(frozen=True)
 class Option:
     name: str  # attribute on Settings
@@ -73,10 +107,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_concurrent_loads", "--max-concurrent-loads", "MM_MAX_CONCURRENT_LOADS", int, "models loading at the same time"),
     Option("load_failure_ttl", "--load-failure-ttl", "MM_LOAD_FAILURE_TTL", parse_duration, "how long a failed load is remembered before it is retried"),
     Option("load_timeout", "--load-timeout", "MM_LOAD_TIMEOUT", parse_duration, "longest a request waits for its model to load (or for room to load it)"),
+    Option("storage_config", "--storage-config", "MM_STORAGE_CONFIG", _storage_config, "named storage configurations (ModelMesh storage-config format): a JSON or Secret file, a directory of one file per key, or inline JSON"),
+    Option("disk_cache_dir", "--disk-cache-dir", "MM_DISK_CACHE_DIR", str, "where models pulled from storage are kept (default: <data-dir>/models-cache)"),
+    Option("disk_cache_capacity", "--disk-cache-capacity", "MM_DISK_CACHE_CAPACITY", parse_bytes, "bytes of local disk for pulled models, least recently used evicted first (0 = keep none)"),
+    Option("max_concurrent_downloads", "--max-concurrent-downloads", "MM_MAX_CONCURRENT_DOWNLOADS", int, "files downloaded from storage at the same time"),
+    Option("download_timeout", "--download-timeout", "MM_DOWNLOAD_TIMEOUT", parse_duration, "longest a storage connection or read may stall before the load fails"),
     Option("max_message_bytes", "--max-message-bytes", "MM_MAX_MESSAGE_BYTES", parse_bytes, "largest gRPC request or response accepted"),
     Option("inference_threads", "--inference-threads", "MM_INFERENCE_THREADS", int, "threads running model code (0 = 2 x CPUs)"),
+    Option("runtime", "--runtime", "MM_RUNTIME", _runtime, "where models run: embedded (in this process), mmesh:HOST:PORT or mmesh:unix:PATH (a `modelmesh runtime` or any mmesh.ModelRuntime server; its runtimeStatus sets capacity, load concurrency and load timeout), mlserver:HOST:PORT or triton:HOST:PORT (a V2 server driven through its model-repository API; needs --runtime-repository)"),
+    Option("runtime_repository", "--runtime-repository", "MM_RUNTIME_REPOSITORY", Path, "with --runtime mlserver:/triton:, the model repository directory that server reads; the mesh writes each model there before loading it"),
     Option("demo", "--demo", "MM_DEMO", _bool, "write the demo models into the models root and register them at start-up"),
     Option("log_level", "--log-level", "MM_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
+    Option("placement", "--placement", "MM_PLACEMENT", _placement, "placement policy NAME[:PARAM=VALUE,...] (density, modelmesh, lru, gdsf), e.g. density:settle_s=60"),
+    Option("rebalance_interval", "--rebalance-interval", "MM_REBALANCE_INTERVAL", parse_duration, "seconds between copy-scaling rounds (0 = the policy's own interval)"),
+    Option("max_hops", "--max-hops", "MM_MAX_HOPS", int, "how many times a request may be forwarded between instances"),
+    Option("drain_timeout", "--drain-timeout", "MM_DRAIN_TIMEOUT", parse_duration, "on SIGTERM, longest wait for this instance's models to load elsewhere"),
 )
 
 
@@ -97,10 +142,21 @@ class Settings:
     max_concurrent_loads: int = 2
     load_failure_ttl: float = 30.0
     load_timeout: float = 120.0
+    storage_config: str = ""
+    disk_cache_dir: str = ""
+    disk_cache_capacity: int = parse_bytes("10GiB")
+    max_concurrent_downloads: int = 4
+    download_timeout: float = 30.0
     max_message_bytes: int = parse_bytes("16MiB")
     inference_threads: int = 0
+    runtime: str = "embedded"
+    runtime_repository: Path | None = None
     demo: bool = False
     log_level: str = "INFO"
+    placement: tuple[str, dict[str, Any]] = ("density", {})
+    rebalance_interval: float = 0.0
+    max_hops: int = 2
+    drain_timeout: float = 30.0
 
     @property
     def etcd_prefix(self) -> str:
@@ -144,6 +200,10 @@ def from_sources(args: argparse.Namespace | None = None,
         raise ValueError("--capacity must be positive")
     if settings.max_concurrent_loads < 1:
         raise ValueError("--max-concurrent-loads must be at least 1")
+    if settings.max_concurrent_downloads < 1:
+        raise ValueError("--max-concurrent-downloads must be at least 1")
+    if settings.max_hops < 1:
+        raise ValueError("--max-hops must be at least 1")
     return settings
 
 
@@ -157,6 +217,10 @@ def markdown_table() -> str:
             default = "1GiB"
         elif opt.name == "max_message_bytes":
             default = "16MiB"
+        elif opt.name == "disk_cache_capacity":
+            default = "10GiB"
+        elif opt.name == "placement":
+            default = "density"
         elif not isinstance(default, int | float | str | Path) or default == "":
             default = "(empty)" if opt.name != "etcd" else "(embedded)"
         rows.append(f"| `{opt.flag}` | `{opt.env}` | `{default}` | {opt.help} |")

@@ -153,3 +153,7 @@ def _launcher(tmp_path: Path, models_root: Path) -> Iterator:
     finally:
         for mp in started:
             mp.stop()
+
+
+# A real S3 server (SeaweedFS) for the storage tests: the `seaweedfs` fixture.
+pytest_plugins = ["seaweedfs"]

@@ -11,6 +11,7 @@ failure naming the package to install.
 | `xgboost`  | `.json` / `.ubj` booster     | feature matrix -> `predict`, `predict_proba`        |
 | `lightgbm` | text model (`.txt`)          | feature matrix -> `predict`, `predict_proba`        |
 | `onnx`     | `.onnx` (onnxruntime, CPU)   | the model's own tensor names                       |
+| `torchscript` | `.pt` (torch.jit; GPU if any) | `forward` arguments -> `output-N` / dict keys   |
 | `identity` | JSON (optional signature)    | every input unchanged + `parameters` (BYTES, JSON) |
 
 The feature-matrix convention is in ``modelmesh.runtimes.tabular``.
@@ -24,6 +25,7 @@ from modelmesh.runtimes.identity import IdentityRuntime
 from modelmesh.runtimes.lightgbm import LightGBMRuntime
 from modelmesh.runtimes.onnx import OnnxRuntime
 from modelmesh.runtimes.sklearn import SklearnRuntime
+from modelmesh.runtimes.torchscript import TorchScriptRuntime
 from modelmesh.runtimes.xgboost import XGBoostRuntime
 
 __all__ = ["MODEL_TYPES", "LoadedModel", "Runtime", "get_runtime"]
@@ -36,6 +38,7 @@ _RUNTIMES: dict[str, Runtime] = {
         XGBoostRuntime(),
         LightGBMRuntime(),
         OnnxRuntime(),
+        TorchScriptRuntime(),
         IdentityRuntime(),
     )
 }

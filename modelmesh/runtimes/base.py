@@ -21,6 +21,9 @@ class LoadedModel(ABC):
     size_bytes: int
     #: Declared inputs and outputs, for ModelMetadata.
     signature: ModelSignature
+    #: Bytes of accelerator (GPU) memory this model holds, counted apart from
+    #: ``size_bytes`` (host memory); 0 for models that run on the CPU.
+    gpu_bytes: int = 0
 
     @abstractmethod
     def predict(self, inputs: list[Tensor], parameters: Parameters) -> list[Tensor]:

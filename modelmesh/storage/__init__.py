@@ -1,5 +1,32 @@
-"""Where model files come from. Local files under the models root for now."""
+"""Where model files come from: the models root, or object storage through the disk cache.
 
-from modelmesh.storage.local import LocalModelLoader, resolve_model_path
+``LocalModelLoader`` is what the model cache loads with; ``check_model_location``
+is what registration validates with. URI forms are in ``uri``, the storage
+configuration format in ``config``, pulling in ``puller``, the disk cache in
+``diskcache``.
+"""
 
-__all__ = ["LocalModelLoader", "resolve_model_path"]
+from modelmesh.storage.config import StorageConfigs, StorageSpec, load_storage_config
+from modelmesh.storage.diskcache import DiskCache
+from modelmesh.storage.local import (
+    LocalModelLoader,
+    check_model_location,
+    resolve_model_path,
+)
+from modelmesh.storage.puller import Puller, Source, resolve_source
+from modelmesh.storage.uri import Location, parse_location
+
+__all__ = [
+    "DiskCache",
+    "LocalModelLoader",
+    "Location",
+    "Puller",
+    "Source",
+    "StorageConfigs",
+    "StorageSpec",
+    "check_model_location",
+    "load_storage_config",
+    "parse_location",
+    "resolve_model_path",
+    "resolve_source",
+]

@@ -1,13 +1,33 @@
-"""Models on the local filesystem, confined to the configured models root."""
+"""The cache's model loader: local files under the models root, or pulled from storage.
+
+A local path (plain or ``file://``) is read where it is, confined to the models
+root. A remote location (``s3://``, ``gs://``, ``https://``, or a plain path
+with a storage key) is pulled into the local disk cache first; the runtime then
+loads it from there (see ``modelmesh.storage.puller``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from modelmesh.errors import InvalidArgument
+from modelmesh.errors import InvalidArgument, StorageError
 from modelmesh.registry.records import ModelRecord
 from modelmesh.runtimes import get_runtime
 from modelmesh.runtimes.base import LoadedModel
+from modelmesh.storage.config import StorageConfigs, shared_storage_configs
+from modelmesh.storage.diskcache import DiskCache
+from modelmesh.storage.puller import Puller, Source, resolve_source
+
+if TYPE_CHECKING:
+    from modelmesh.metrics import Metrics
+    from modelmesh.settings import Settings
+
+#: Before a remote model's files are on local disk, its in-memory size is guessed as
+#: its bytes in storage times this (the runtime's own estimate needs the file).
+REMOTE_SIZE_FACTOR = 1.2
 
 
 def resolve_model_path(models_root: Path, path: str) -> Path:
@@ -23,7 +43,7 @@ def resolve_model_path(models_root: Path, path: str) -> Path:
     if "://" in raw:
         scheme = raw.split("://", 1)[0]
         raise InvalidArgument(
-            f"model path '{path}': storage scheme '{scheme}://' is not supported yet; "
+            f"model path '{path}': storage scheme '{scheme}://' is not supported here; "
             "use a path under the models root"
         )
     root = models_root.resolve()
@@ -36,11 +56,55 @@ def resolve_model_path(models_root: Path, path: str) -> Path:
     return full
 
 
-class LocalModelLoader:
-    """The cache's ``ModelLoader`` for files under ``models_root``."""
+def check_model_location(settings: Settings, path: str, key: str = "") -> None:
+    """Validate a registration's location: a local path under the models root, or a
+    remote location whose scheme, storage key and object key can work.
 
-    def __init__(self, models_root: Path) -> None:
+    Raises InvalidArgument saying what to fix. Nothing is contacted.
+    """
+    configs = shared_storage_configs(settings.storage_config)
+    if resolve_source(path, key, configs) is None:
+        resolve_model_path(Path(settings.models_root), path)
+
+
+def disk_cache_dir(settings: Settings) -> Path:
+    """Where pulled models are kept: ``--disk-cache-dir``, else ``<data-dir>/models-cache``."""
+    return Path(settings.disk_cache_dir) if settings.disk_cache_dir else \
+        Path(settings.data_dir) / "models-cache"
+
+
+class LocalModelLoader:
+    """The cache's ``ModelLoader``: local files, or remote ones pulled into the disk cache."""
+
+    def __init__(self, models_root: Path, puller: Puller | None = None) -> None:
         self.models_root = Path(models_root)
+        self.puller = puller
+
+    @classmethod
+    def from_settings(cls, settings: Settings, metrics: Metrics | None = None
+                      ) -> LocalModelLoader:
+        """A loader with the storage configuration, disk cache and limits of ``settings``."""
+        def on_change(cache: DiskCache) -> None:
+            if metrics is not None:
+                metrics.disk_cache_used_bytes.set(cache.used_bytes)
+                metrics.disk_cache_evictions.set(cache.evictions)
+
+        if metrics is not None:
+            metrics.disk_cache_capacity_bytes.set(settings.disk_cache_capacity)
+        cache = DiskCache(disk_cache_dir(settings), settings.disk_cache_capacity, on_change)
+        puller = Puller(shared_storage_configs(settings.storage_config), cache,
+                        max_concurrent_downloads=settings.max_concurrent_downloads,
+                        timeout=settings.download_timeout, metrics=metrics)
+        return cls(Path(settings.models_root), puller)
+
+    def _source(self, record: ModelRecord) -> Source | None:
+        configs = self.puller.configs if self.puller is not None else StorageConfigs()
+        return resolve_source(record.path, record.storage_key, configs)
+
+    def _puller(self, source: Source) -> Puller:
+        if self.puller is None:
+            raise StorageError(f"{source}: this loader has no storage configured")
+        return self.puller
 
     def _locate(self, record: ModelRecord) -> Path:
         full = resolve_model_path(self.models_root, record.path)
@@ -48,8 +112,28 @@ class LocalModelLoader:
             raise FileNotFoundError(f"model file '{record.path}' not found under the models root")
         return full
 
+    @contextmanager
+    def local_files(self, record: ModelRecord) -> Iterator[Path]:
+        """The model's files on local disk for the duration of the block (pulled if remote)."""
+        source = self._source(record)
+        if source is None:
+            yield self._locate(record)
+            return
+        with self._puller(source).pull(source) as path:
+            yield path
+
     def predict_size(self, record: ModelRecord) -> int:
-        return get_runtime(record.model_type).predict_size(self._locate(record))
+        runtime = get_runtime(record.model_type)
+        source = self._source(record)
+        if source is None:
+            return runtime.predict_size(self._locate(record))
+        puller = self._puller(source)
+        with puller.cached(source) as local:
+            if local is not None:
+                return runtime.predict_size(local)
+        return max(1, int(puller.remote_bytes(source) * REMOTE_SIZE_FACTOR))
 
     def load(self, record: ModelRecord) -> LoadedModel:
-        return get_runtime(record.model_type).load(self._locate(record), record.model_id)
+        runtime = get_runtime(record.model_type)
+        with self.local_files(record) as path:
+            return runtime.load(path, record.model_id)

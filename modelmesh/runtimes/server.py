@@ -1,0 +1,391 @@
+"""The gRPC server behind ``modelmesh runtime`` (flags and settings: ``modelmesh.runtime_server``).
+
+``LoadedModels`` is the runtime's table of models; ``ModelRuntimeServicer``
+answers the mesh's runtime SPI calls and ``RuntimeInferenceServicer`` the V2
+inference calls; ``RuntimeServer`` binds them to one gRPC server and owns its
+lifetime. The rules they keep are in ``modelmesh.runtime_server``'s docstring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from modelmesh import __version__, codec
+from modelmesh._proto.mmesh import model_runtime_pb2 as rt
+from modelmesh._proto.mmesh import model_runtime_pb2_grpc as rt_grpc
+from modelmesh.api.errors import grpc_errors, metadata_value
+from modelmesh.errors import InvalidArgument, MeshError, ModelLoadFailed, Unavailable
+from modelmesh.registry.records import ModelRecord
+from modelmesh.runtimes.base import LoadedModel
+from modelmesh.storage import LocalModelLoader
+
+if TYPE_CHECKING:
+    from modelmesh.runtime_server import RuntimeServerSettings
+
+log = logging.getLogger(__name__)
+
+
+class NotLoaded(MeshError):
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__(f"model '{model_id}' is not loaded in this runtime")
+
+
+# --------------------------------------------------------------------------- the models
+
+
+class _Slot:
+    __slots__ = ("model_id", "task", "model", "in_use", "unload_requested")
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+        self.task: asyncio.Task[LoadedModel] | None = None
+        self.model: LoadedModel | None = None
+        self.in_use = 0
+        self.unload_requested = False
+
+
+class LoadedModels:
+    """The runtime's models: single-flight loads, bounded concurrency, no eviction."""
+
+    def __init__(self, settings: RuntimeServerSettings, executor: ThreadPoolExecutor) -> None:
+        self.settings = settings
+        self.loader = LocalModelLoader(settings.models_root)
+        self._executor = executor
+        self._slots: dict[str, _Slot] = {}
+        self._load_slots = asyncio.Semaphore(settings.max_concurrent_loads)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(s.model.size_bytes for s in self._slots.values() if s.model is not None)
+
+    def loaded(self) -> list[tuple[str, LoadedModel]]:
+        return [(i, s.model) for i, s in self._slots.items() if s.model is not None]
+
+    async def load(self, record: ModelRecord) -> LoadedModel:
+        """Load ``record`` (or join the load under way); the loaded model."""
+        slot = self._slots.get(record.model_id)
+        if slot is None or slot.unload_requested:
+            slot = self._slots[record.model_id] = _Slot(record.model_id)
+            slot.task = asyncio.get_running_loop().create_task(
+                self._load(slot, record), name=f"load:{record.model_id}")
+            # Its failure is reported to the callers waiting; none may be left to see it.
+            slot.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if slot.model is not None:
+            return slot.model
+        assert slot.task is not None
+        try:
+            return await asyncio.wait_for(asyncio.shield(slot.task), self.settings.load_timeout)
+        except TimeoutError:
+            self._forget(slot)
+            raise ModelLoadFailed(
+                record.model_id, f"did not load within {self.settings.load_timeout:g}s"
+            ) from None
+
+    async def _load(self, slot: _Slot, record: ModelRecord) -> LoadedModel:
+        loop = asyncio.get_running_loop()
+        try:
+            async with self._load_slots:
+                if slot.unload_requested:
+                    raise ModelLoadFailed(record.model_id, "unloaded while queued to load")
+                started = time.perf_counter()
+                model = await loop.run_in_executor(self._executor, self.loader.load, record)
+        except MeshError as exc:
+            self._forget(slot)
+            if isinstance(exc, ModelLoadFailed):
+                log.warning("model failed to load: %s: %s", record.model_id, exc.reason)
+            raise
+        except Exception as exc:  # the format's library: report it as the load's failure
+            self._forget(slot)
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("model failed to load: %s: %s", record.model_id, reason)
+            raise ModelLoadFailed(record.model_id, reason) from exc
+        if slot.unload_requested or self._slots.get(record.model_id) is not slot:
+            # unloadModel came while loading: the model must not stay loaded.
+            loop.run_in_executor(self._executor, model.unload)
+            raise ModelLoadFailed(record.model_id, "unloaded while loading")
+        slot.model = model
+        log.info("model loaded: %s (%d bytes, %.0f ms)", record.model_id, model.size_bytes,
+                 (time.perf_counter() - started) * 1000)
+        if self.used_bytes > self.settings.capacity:
+            log.warning("models use %d bytes, over this runtime's capacity of %d",
+                        self.used_bytes, self.settings.capacity)
+        return model
+
+    def _forget(self, slot: _Slot) -> None:
+        slot.unload_requested = True
+        if self._slots.get(slot.model_id) is slot:
+            del self._slots[slot.model_id]
+
+    def unload(self, model_id: str) -> None:
+        """Unload now, or when the requests using it finish; a load under way is dropped."""
+        slot = self._slots.pop(model_id, None)
+        if slot is None:
+            return
+        slot.unload_requested = True
+        if slot.model is not None and slot.in_use == 0:
+            self._release_model(slot)
+
+    def _release_model(self, slot: _Slot) -> None:
+        model, slot.model = slot.model, None
+        if model is not None:
+            self._executor.submit(model.unload)
+            log.info("model unloaded: %s", slot.model_id)
+
+    def unload_all(self) -> int:
+        ids = list(self._slots)
+        for model_id in ids:
+            self.unload(model_id)
+        return len(ids)
+
+    def size(self, model_id: str) -> int:
+        slot = self._slots.get(model_id)
+        if slot is None or slot.model is None:
+            raise NotLoaded(model_id)
+        return int(slot.model.size_bytes)
+
+    def acquire(self, model_id: str) -> _Slot:
+        slot = self._slots.get(model_id)
+        if slot is None or slot.model is None:
+            raise NotLoaded(model_id)
+        slot.in_use += 1
+        return slot
+
+    def release(self, slot: _Slot) -> None:
+        slot.in_use -= 1
+        if slot.in_use == 0 and slot.unload_requested:
+            self._release_model(slot)
+
+    async def close(self) -> None:
+        tasks = [s.task for s in self._slots.values() if s.task is not None and not s.task.done()]
+        self.unload_all()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# --------------------------------------------------------------------------- servicers
+
+
+def _record(request: rt.LoadModelRequest | rt.PredictModelSizeRequest) -> ModelRecord:
+    if not request.modelId:
+        raise InvalidArgument("modelId is required")
+    if not request.modelType:
+        raise InvalidArgument(f"model '{request.modelId}': modelType is required")
+    return ModelRecord(request.modelId, request.modelType, request.modelPath,
+                       storage_key=request.modelKey)
+
+
+class ModelRuntimeServicer(rt_grpc.ModelRuntimeServicer):
+    """``mmesh.ModelRuntime``: what the mesh calls to manage models here."""
+
+    def __init__(self, models: LoadedModels, settings: RuntimeServerSettings,
+                 executor: ThreadPoolExecutor) -> None:
+        self.models = models
+        self.settings = settings
+        self.executor = executor
+
+    async def loadModel(self, request, context):  # noqa: N802
+        try:
+            record = _record(request)
+            model = await self.models.load(record)
+        except ModelLoadFailed as exc:  # the reason alone: the mesh adds the model id
+            await context.abort(grpc.StatusCode.INTERNAL, exc.reason)
+        except MeshError as exc:
+            await context.abort(exc.code, exc.message)
+        return rt.LoadModelResponse(sizeInBytes=max(int(model.size_bytes), 1))
+
+    @grpc_errors("unloadModel")
+    async def unloadModel(self, request, context):  # noqa: N802
+        self.models.unload(request.modelId)
+        return rt.UnloadModelResponse()
+
+    @grpc_errors("predictModelSize")
+    async def predictModelSize(self, request, context):  # noqa: N802
+        record = _record(request)
+        loop = asyncio.get_running_loop()
+        try:
+            size = await loop.run_in_executor(self.executor, self.models.loader.predict_size,
+                                              record)
+        except (OSError, ValueError) as exc:  # load will report it; this is only an estimate
+            log.debug("predictModelSize %s: %s", record.model_id, exc)
+            size = self.settings.default_model_size
+        return rt.PredictModelSizeResponse(sizeInBytes=size)
+
+    @grpc_errors("modelSize")
+    async def modelSize(self, request, context):  # noqa: N802
+        return rt.ModelSizeResponse(sizeInBytes=self.models.size(request.modelId))
+
+    @grpc_errors("runtimeStatus")
+    async def runtimeStatus(self, request, context):  # noqa: N802
+        dropped = self.models.unload_all()
+        if dropped:
+            log.info("runtimeStatus: unloaded %d model(s) left from an earlier mesh", dropped)
+        s = self.settings
+        return rt.RuntimeStatusResponse(
+            status=rt.RuntimeStatusResponse.READY,
+            capacityInBytes=s.capacity,
+            maxLoadingConcurrency=s.max_concurrent_loads,
+            modelLoadingTimeoutMs=int(s.load_timeout * 1000),
+            defaultModelSizeInBytes=s.default_model_size,
+            runtimeVersion=f"modelmesh-runtime {__version__}",
+            allowAnyMethod=True,
+        )
+
+
+def _run(slot: _Slot, inputs, params, requested, response: pb.ModelInferResponse) -> None:
+    model = slot.model
+    if model is None:
+        raise Unavailable(f"model '{slot.model_id}' was unloaded")
+    codec.encode_outputs(model.predict(inputs, params), requested, response)
+
+
+class RuntimeInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """V2 inference on the models loaded here; other V2 methods answer UNIMPLEMENTED."""
+
+    def __init__(self, models: LoadedModels, executor: ThreadPoolExecutor) -> None:
+        self.models = models
+        self.executor = executor
+        self.ready = False
+
+    def _model_id(self, name: str, context: grpc.aio.ServicerContext) -> str:
+        model_id = metadata_value(context, "mm-model-id") or name
+        if not model_id:
+            raise InvalidArgument("no model named: set model_name or the mm-model-id header")
+        return model_id
+
+    async def ServerLive(self, request, context):  # noqa: N802
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):  # noqa: N802
+        return pb.ServerReadyResponse(ready=self.ready)
+
+    async def ServerMetadata(self, request, context):  # noqa: N802
+        return pb.ServerMetadataResponse(name="modelmesh-runtime", version=__version__,
+                                         extensions=["mmesh-runtime"])
+
+    @grpc_errors("ModelReady")
+    async def ModelReady(self, request, context):  # noqa: N802
+        model_id = self._model_id(request.name, context)
+        return pb.ModelReadyResponse(
+            ready=any(i == model_id for i, _ in self.models.loaded()))
+
+    @grpc_errors("ModelMetadata")
+    async def ModelMetadata(self, request, context):  # noqa: N802
+        model_id = self._model_id(request.name, context)
+        slot = self.models.acquire(model_id)
+        try:
+            assert slot.model is not None
+            sig = slot.model.signature
+        finally:
+            self.models.release(slot)
+
+        def tensors(specs):
+            return [pb.ModelMetadataResponse.TensorMetadata(
+                name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in specs]
+
+        return pb.ModelMetadataResponse(name=request.name or model_id, versions=["1"],
+                                        platform="modelmesh",
+                                        inputs=tensors(sig.inputs), outputs=tensors(sig.outputs))
+
+    @grpc_errors("ModelInfer")
+    async def ModelInfer(self, request, context):  # noqa: N802
+        model_id = self._model_id(request.model_name, context)
+        inputs = codec.decode_inputs(request)
+        params = codec.params_to_python(request.parameters)
+        requested = [o.name for o in request.outputs]
+        slot = self.models.acquire(model_id)
+        try:
+            response = pb.ModelInferResponse(model_name=request.model_name,
+                                             model_version=request.model_version, id=request.id)
+            await asyncio.get_running_loop().run_in_executor(
+                self.executor, _run, slot, inputs, params, requested, response)
+        finally:
+            self.models.release(slot)
+        return response
+
+    @grpc_errors("RepositoryIndex")
+    async def RepositoryIndex(self, request, context):  # noqa: N802
+        return pb.RepositoryIndexResponse(models=[
+            pb.RepositoryIndexResponse.ModelIndex(name=i, version="1", state="READY")
+            for i, _ in self.models.loaded()])
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class RuntimeServer:
+    """The gRPC server of ``modelmesh runtime``. ``await start()``, then ``await stop()``."""
+
+    def __init__(self, settings: RuntimeServerSettings) -> None:
+        self.settings = settings
+        self.address = ""
+        self._server: grpc.aio.Server | None = None
+        self._socket: Path | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        if s.torch_device:
+            from modelmesh.runtimes import get_runtime
+
+            get_runtime("torchscript").device = s.torch_device  # type: ignore[attr-defined]
+        threads = s.inference_threads or 2 * (os.cpu_count() or 1)
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rt-infer")
+        self.models = LoadedModels(s, self.executor)
+        self.inference = RuntimeInferenceServicer(self.models, self.executor)
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ])
+        rt_grpc.add_ModelRuntimeServicer_to_server(
+            ModelRuntimeServicer(self.models, s, self.executor), server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, server)
+        listen = s.listen
+        if listen.startswith("unix:"):
+            path = Path(listen.removeprefix("unix:").removeprefix("//"))
+            if path.is_socket():
+                path.unlink()  # left by a runtime that did not stop cleanly
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._socket = path
+            if server.add_insecure_port(f"unix:{path}") == 0:
+                raise OSError(f"cannot listen on unix:{path}")
+            self.address = f"unix:{path}"
+        else:
+            host, sep, port = listen.rpartition(":")
+            if not sep or not port.isdigit():
+                raise ValueError(f"--listen {listen!r}: expected unix:PATH or HOST:PORT")
+            bound = server.add_insecure_port(listen)
+            if bound == 0:
+                raise OSError(f"cannot listen on {listen}")
+            self.address = f"{host or '0.0.0.0'}:{bound}"
+        await server.start()
+        self._server = server
+        self.inference.ready = True
+        log.info("runtime listening on %s (capacity %d bytes, %d concurrent loads)",
+                 self.address, s.capacity, s.max_concurrent_loads)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._server is not None:
+            self.inference.ready = False
+            await self._server.stop(grace)
+            self._server = None
+            await self.models.close()
+            self.executor.shutdown(wait=True, cancel_futures=True)
+        if self._socket is not None:
+            self._socket.unlink(missing_ok=True)
+            self._socket = None
+        log.info("runtime stopped")
+
+
