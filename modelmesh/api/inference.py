@@ -116,8 +116,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=True)
         live = self.instance.registry.instances
         copies = self.instance.registry.copies.get(model_id, {})
-        ready = any(c.state is CopyState.LOADED and iid in live and not live[iid].shutting_down
-                    for iid, c in copies.items())
+        me = self.instance.instance_id  # the local cache, checked above, is the truth here
+        ready = any(c.state is CopyState.LOADED and iid != me and iid in live
+                    and not live[iid].shutting_down for iid, c in copies.items())
         return pb.ModelReadyResponse(ready=ready)
 
     @grpc_errors("ModelMetadata")
