@@ -47,6 +47,8 @@ class ModelStats:
     compute_infer: Duration = field(default_factory=Duration)
     cache_hit: Duration = field(default_factory=Duration)
     cache_miss: Duration = field(default_factory=Duration)
+    #: Moving average of recent compute times; decides inline vs thread (0: unknown).
+    typical_compute_ns: int = 0
 
 
 def _run_model(
@@ -61,7 +63,7 @@ def _run_model(
     model = entry.model
     if model is None:  # unloaded between acquire and now: cannot happen while in use
         raise Unavailable(f"model '{entry.model_id}' was unloaded")
-    outputs = model.predict(inputs, params)
+    outputs = model.predict_outputs(inputs, params, requested)
     elapsed = time.perf_counter_ns() - start
     codec.encode_outputs(outputs, requested, response)
     return elapsed
@@ -77,12 +79,14 @@ class DataPlane:
         metrics: Metrics,
         executor: ThreadPoolExecutor,
         load_timeout: float,
+        inline_infer_ms: float = 1.0,
     ) -> None:
         self.registry = registry
         self.cache = cache
         self.metrics = metrics
         self.executor = executor
         self.load_timeout = load_timeout
+        self.inline_ns = int(inline_infer_ms * 1e6)
         self.stats: dict[str, ModelStats] = {}
 
     # -- names ----------------------------------------------------------------
@@ -196,10 +200,17 @@ class DataPlane:
                     model_name=request.model_name, model_version=request.model_version,
                     id=request.id,
                 )
-                loop = asyncio.get_running_loop()
                 queued = time.perf_counter_ns()
-                compute_ns = await loop.run_in_executor(
-                    self.executor, _run_model, entry, inputs, params, requested, response
+                if 0 < stats.typical_compute_ns < self.inline_ns:
+                    # A fast model: handing it to a thread and back costs more than it does.
+                    compute_ns = _run_model(entry, inputs, params, requested, response)
+                else:
+                    compute_ns = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, _run_model, entry, inputs, params, requested, response
+                    )
+                stats.typical_compute_ns = (
+                    compute_ns if not stats.typical_compute_ns
+                    else (stats.typical_compute_ns * 7 + compute_ns) // 8
                 )
                 stats.queue.add(max(time.perf_counter_ns() - queued - compute_ns, 0))
                 stats.compute_infer.add(compute_ns)

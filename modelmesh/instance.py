@@ -107,7 +107,7 @@ class MeshInstance:
             policy=get_policy(name, **params),
         )
         self.dataplane = DataPlane(self.registry, self.cache, self.metrics, self.executor,
-                                   s.load_timeout)
+                                   s.load_timeout, inline_infer_ms=s.inline_infer_ms)
         self.router = Router(self)
         self.lifecycle = ModelLifecycle(self)
         self.chores = Chores(self)

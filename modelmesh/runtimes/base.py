@@ -9,6 +9,7 @@ threads at once.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 
 from modelmesh.tensor import ModelSignature, Parameters, Tensor
@@ -28,6 +29,16 @@ class LoadedModel(ABC):
     @abstractmethod
     def predict(self, inputs: list[Tensor], parameters: Parameters) -> list[Tensor]:
         """Run inference. Raise ``modelmesh.errors.InvalidArgument`` for bad inputs."""
+
+    def predict_outputs(self, inputs: list[Tensor], parameters: Parameters,
+                        requested: Sequence[str]) -> list[Tensor]:
+        """Run inference for the outputs named in ``requested`` (all when empty).
+
+        May return more outputs than requested (the caller keeps only those asked
+        for); a runtime overrides it where leaving an output out saves work, e.g. a
+        classifier asked only for its labels skips its probabilities.
+        """
+        return self.predict(inputs, parameters)
 
     def unload(self) -> None:  # noqa: B027 - optional hook
         """Release resources held outside the Python heap (sessions, boosters)."""

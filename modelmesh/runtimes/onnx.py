@@ -28,7 +28,7 @@ Size:
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +126,20 @@ class OnnxModel(LoadedModel):
             raise BadModelFile("the model has no tensor outputs that V2 can carry")
         self.signature = ModelSignature(tuple(inputs), tuple(outputs))
         self._output_names = [s.name for s in outputs]
+        self._output_set = frozenset(self._output_names)
         states = require("onnxruntime.capi.onnxruntime_pybind11_state", "onnx")
         self._ort_invalid_argument: type[Exception] = states.InvalidArgument
 
     def predict(self, inputs: list[Tensor], parameters: Parameters) -> list[Tensor]:
+        return self.predict_outputs(inputs, parameters, ())
+
+    def predict_outputs(self, inputs: list[Tensor], parameters: Parameters,
+                        requested: Sequence[str]) -> list[Tensor]:
+        # Only the requested outputs are computed (an unknown name: all, so the
+        # codec's error can list the ones there are).
+        names = self._output_names
+        if requested and all(n in self._output_set for n in requested):
+            names = list(dict.fromkeys(requested))
         given = {t.name: t for t in inputs}
         expected = [s.name for s in self.signature.inputs]
         missing = [n for n in expected if n not in given]
@@ -145,12 +155,12 @@ class OnnxModel(LoadedModel):
             )
         feeds = {s.name: self._feed(s, given[s.name]) for s in self.signature.inputs}
         try:
-            results = self.session.run(self._output_names, feeds)
+            results = self.session.run(names, feeds)
         except self._ort_invalid_argument as exc:
             raise InvalidArgument(
                 f"model '{self.model_id}' rejected the input: {first_line(exc)}"
             ) from exc
-        return [output(n, r) for n, r in zip(self._output_names, results, strict=True)]
+        return [output(n, r) for n, r in zip(names, results, strict=True)]
 
     def _feed(self, spec: TensorSpec, tensor: Tensor) -> np.ndarray:
         data = tensor.data

@@ -168,6 +168,36 @@ def test_onnx_matches_session_and_logistic_regression(demo_dir, demo_by_type, lo
     np.testing.assert_allclose(out["probabilities"].data, lr.predict_proba(x), atol=1e-5)
 
 
+def test_predict_outputs_computes_only_what_is_asked(demo_dir, demo_by_type, loaded,
+                                                      monkeypatch):
+    """Asked only for labels, a classifier skips its probabilities; the values agree."""
+    x = batch()
+    sk = loaded["sklearn"]  # a random forest: its predict() calls predict_proba() itself
+    calls = []
+    original = sk.estimator.predict_proba
+    monkeypatch.setattr(sk.estimator, "predict_proba",
+                        lambda *a: calls.append(1) or original(*a), raising=False)
+    full = {t.name: t for t in sk.predict([Tensor("features", "FP32", x)], {})}
+    assert len(calls) == 2
+    only = sk.predict_outputs([Tensor("features", "FP32", x)], {}, ["predict"])
+    assert [t.name for t in only] == ["predict"] and len(calls) == 3
+    np.testing.assert_array_equal(only[0].data, full["predict"].data)
+    both = sk.predict_outputs([Tensor("features", "FP32", x)], {}, ["predict_proba"])
+    assert {t.name for t in both} == {"predict", "predict_proba"} and len(calls) == 5
+    # An unknown name gets every output, so the codec's error can list them.
+    assert len(sk.predict_outputs([Tensor("features", "FP32", x)], {}, ["nope"])) == 2
+
+    onnx = loaded["onnx"]
+    label = onnx.predict_outputs([Tensor(ONNX_INPUT, "FP32", x)], {}, ["label"])
+    assert [t.name for t in label] == ["label"]
+    every = {t.name: t for t in onnx.predict([Tensor(ONNX_INPUT, "FP32", x)], {})}
+    np.testing.assert_array_equal(label[0].data, every["label"].data)
+    swapped = onnx.predict_outputs([Tensor(ONNX_INPUT, "FP32", x)], {},
+                                   ["probabilities", "label"])
+    assert [t.name for t in swapped] == ["probabilities", "label"]
+    assert len(onnx.predict_outputs([Tensor(ONNX_INPUT, "FP32", x)], {}, ["nope"])) == 2
+
+
 @pytest.fixture(scope="module")
 def iris_xy():
     x, y = iris()
