@@ -138,7 +138,7 @@ def failover(procs: dict[str, subprocess.Popen], ports: dict[str, int]) -> dict:
             while not stop.is_set():
                 model = models[int(rng.integers(len(models)))]
                 ok, retries = False, 0
-                for retries in range(6):
+                for retries in range(6):  # noqa: B007 - read after the loop
                     try:
                         call(client, model)
                         ok = True
