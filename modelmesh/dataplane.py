@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from modelmesh import codec
+from modelmesh.batching import Batcher, batch_key
 from modelmesh.cache.local import CacheEntry, ModelCache
 from modelmesh.errors import InvalidArgument, MeshError, ModelNotFound, Unavailable
 from modelmesh.metrics import Metrics
@@ -51,22 +53,16 @@ class ModelStats:
     typical_compute_ns: int = 0
 
 
-def _run_model(
-    entry: CacheEntry,
-    inputs: list[Tensor],
-    params: Parameters,
-    requested: list[str],
-    response: pb.ModelInferResponse,
-) -> int:
-    """Runs in an inference thread: predict and encode. Returns compute ns."""
+def _predict_timed(
+    entry: CacheEntry, inputs: list[Tensor], params: Parameters, requested: Sequence[str]
+) -> tuple[list[Tensor], int]:
+    """Predict (inline or in an inference thread); returns the outputs and compute ns."""
     start = time.perf_counter_ns()
     model = entry.model
     if model is None:  # unloaded between acquire and now: cannot happen while in use
         raise Unavailable(f"model '{entry.model_id}' was unloaded")
     outputs = model.predict_outputs(inputs, params, requested)
-    elapsed = time.perf_counter_ns() - start
-    codec.encode_outputs(outputs, requested, response)
-    return elapsed
+    return outputs, time.perf_counter_ns() - start
 
 
 class DataPlane:
@@ -80,6 +76,8 @@ class DataPlane:
         executor: ThreadPoolExecutor,
         load_timeout: float,
         inline_infer_ms: float = 1.0,
+        max_batch_rows: int = 256,
+        max_batch_delay_ms: float = 1.0,
     ) -> None:
         self.registry = registry
         self.cache = cache
@@ -87,6 +85,9 @@ class DataPlane:
         self.executor = executor
         self.load_timeout = load_timeout
         self.inline_ns = int(inline_infer_ms * 1e6)
+        self.batching = max_batch_rows > 1
+        self.batcher = Batcher(max_batch_rows, max_batch_delay_ms / 1000,
+                               on_batch=self._on_batch)
         self.stats: dict[str, ModelStats] = {}
 
     # -- names ----------------------------------------------------------------
@@ -201,17 +202,17 @@ class DataPlane:
                     id=request.id,
                 )
                 queued = time.perf_counter_ns()
-                if 0 < stats.typical_compute_ns < self.inline_ns:
-                    # A fast model: handing it to a thread and back costs more than it does.
-                    compute_ns = _run_model(entry, inputs, params, requested, response)
+                key = None
+                if self.batching and not params and getattr(entry.model, "batchable", False):
+                    key = batch_key(inputs, requested)
+                if key is None:
+                    outputs, compute_ns = await self._predict(entry, inputs, params, requested,
+                                                              stats)
                 else:
-                    compute_ns = await asyncio.get_running_loop().run_in_executor(
-                        self.executor, _run_model, entry, inputs, params, requested, response
-                    )
-                stats.typical_compute_ns = (
-                    compute_ns if not stats.typical_compute_ns
-                    else (stats.typical_compute_ns * 7 + compute_ns) // 8
-                )
+                    outputs, compute_ns = await self.batcher.predict(
+                        record.model_id, key, inputs, requested,
+                        lambda ins, req: self._predict(entry, ins, params, req, stats))
+                codec.encode_outputs(outputs, requested, response)
                 stats.queue.add(max(time.perf_counter_ns() - queued - compute_ns, 0))
                 stats.compute_infer.add(compute_ns)
                 self.metrics.invoke_model_ms.labels("ModelInfer", "OK").observe(compute_ns / 1e6)
@@ -227,6 +228,24 @@ class DataPlane:
         stats.execution_count += 1
         stats.last_inference_ms = int(time.time() * 1000)
         return response
+
+    def _on_batch(self, requests: int) -> None:
+        self.metrics.batches.inc()
+        self.metrics.batched_requests.inc(requests)
+
+    async def _predict(self, entry: CacheEntry, inputs: list[Tensor], params: Parameters,
+                       requested: Sequence[str], stats: ModelStats) -> tuple[list[Tensor], int]:
+        if 0 < stats.typical_compute_ns < self.inline_ns:
+            # A fast model: handing it to a thread and back costs more than it does.
+            outputs, compute_ns = _predict_timed(entry, inputs, params, requested)
+        else:
+            outputs, compute_ns = await asyncio.get_running_loop().run_in_executor(
+                self.executor, _predict_timed, entry, inputs, params, requested)
+        stats.typical_compute_ns = (
+            compute_ns if not stats.typical_compute_ns
+            else (stats.typical_compute_ns * 7 + compute_ns) // 8
+        )
+        return outputs, compute_ns
 
     # -- queries ----------------------------------------------------------------
 

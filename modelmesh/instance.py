@@ -107,7 +107,9 @@ class MeshInstance:
             policy=get_policy(name, **params),
         )
         self.dataplane = DataPlane(self.registry, self.cache, self.metrics, self.executor,
-                                   s.load_timeout, inline_infer_ms=s.inline_infer_ms)
+                                   s.load_timeout, inline_infer_ms=s.inline_infer_ms,
+                                   max_batch_rows=s.max_batch_rows,
+                                   max_batch_delay_ms=s.max_batch_delay_ms)
         self.router = Router(self)
         self.lifecycle = ModelLifecycle(self)
         self.chores = Chores(self)

@@ -84,6 +84,14 @@ class Metrics:
             "modelmesh_copy_changes", "Copies added or removed by periodic rebalancing",
             ["action"], registry=r,
         )
+        self.batched_requests = Counter(
+            "modelmesh_batched_requests",
+            "Requests served by a prediction merged with other requests' (modelmesh.batching)",
+            registry=r,
+        )
+        self.batches = Counter(
+            "modelmesh_batches", "Predictions that served several requests at once", registry=r,
+        )
         self.request_bytes = Histogram(
             "modelmesh_request_size_bytes", "Inference request payload size",
             buckets=(1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8), registry=r,

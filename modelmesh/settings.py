@@ -115,6 +115,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_message_bytes", "--max-message-bytes", "MM_MAX_MESSAGE_BYTES", parse_bytes, "largest gRPC request or response accepted"),
     Option("inference_threads", "--inference-threads", "MM_INFERENCE_THREADS", int, "threads running model code (0 = 2 x CPUs)"),
     Option("inline_infer_ms", "--inline-infer-ms", "MM_INLINE_INFER_MS", float, "a model whose predictions usually take less than this runs on the serving thread instead of an inference thread (saves a thread hop per request; 0 = always use threads)"),
+    Option("max_batch_rows", "--max-batch-rows", "MM_MAX_BATCH_ROWS", int, "concurrent requests for one model that are ready together are predicted in one call, up to this many rows (row-wise models only: scikit-learn, XGBoost, LightGBM, ONNX with a dynamic batch axis; 0 = never merge)"),
+    Option("max_batch_delay_ms", "--max-batch-delay-ms", "MM_MAX_BATCH_DELAY_MS", float, "longest a request waits for others to share its prediction; it waits only while waiting has been paying off for that model (0 = merge only requests that are ready together)"),
     Option("runtime", "--runtime", "MM_RUNTIME", _runtime, "where models run: embedded (in this process), mmesh:HOST:PORT or mmesh:unix:PATH (a `modelmesh runtime` or any mmesh.ModelRuntime server; its runtimeStatus sets capacity, load concurrency and load timeout), mlserver:HOST:PORT or triton:HOST:PORT (a V2 server driven through its model-repository API; needs --runtime-repository)"),
     Option("runtime_repository", "--runtime-repository", "MM_RUNTIME_REPOSITORY", Path, "with --runtime mlserver:/triton:, the model repository directory that server reads; the mesh writes each model there before loading it"),
     Option("demo", "--demo", "MM_DEMO", _bool, "write the demo models into the models root and register them at start-up"),
@@ -151,6 +153,8 @@ class Settings:
     max_message_bytes: int = parse_bytes("16MiB")
     inference_threads: int = 0
     inline_infer_ms: float = 1.0
+    max_batch_rows: int = 256
+    max_batch_delay_ms: float = 1.0
     runtime: str = "embedded"
     runtime_repository: Path | None = None
     demo: bool = False

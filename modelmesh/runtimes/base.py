@@ -25,6 +25,10 @@ class LoadedModel(ABC):
     #: Bytes of accelerator (GPU) memory this model holds, counted apart from
     #: ``size_bytes`` (host memory); 0 for models that run on the CPU.
     gpu_bytes: int = 0
+    #: Whether every output has one row per input row, so that requests can be
+    #: stacked along the first axis, predicted together and split back
+    #: (``modelmesh.batching``).
+    batchable: bool = False
 
     @abstractmethod
     def predict(self, inputs: list[Tensor], parameters: Parameters) -> list[Tensor]:

@@ -213,6 +213,8 @@ def objective_of(model_text: str) -> str:
 
 
 class LightGBMModel(LoadedModel):
+    batchable = True  # boosters predict row by row
+
     def __init__(self, model_id: str, booster: Any, objective: str, size: int) -> None:
         self.model_id = model_id
         self.booster = booster

@@ -125,6 +125,12 @@ class OnnxModel(LoadedModel):
         if not outputs:
             raise BadModelFile("the model has no tensor outputs that V2 can carry")
         self.signature = ModelSignature(tuple(inputs), tuple(outputs))
+        # Requests can be merged only when every input and output starts with the same
+        # named free dimension (a batch axis such as "N"); unnamed or fixed ones may mean
+        # anything.
+        first = {_first_dim(arg.shape) for arg in (*session.get_inputs(),
+                                                   *session.get_outputs())}
+        self.batchable = len(first) == 1 and isinstance(next(iter(first)), str)
         self._output_names = [s.name for s in outputs]
         self._output_set = frozenset(self._output_names)
         states = require("onnxruntime.capi.onnxruntime_pybind11_state", "onnx")
@@ -193,6 +199,10 @@ class OnnxModel(LoadedModel):
 
     def unload(self) -> None:
         self.session = None
+
+
+def _first_dim(shape: Any) -> object:
+    return shape[0] if isinstance(shape, list | tuple) and shape else None
 
 
 def _dims(shape: Any) -> tuple[int, ...]:

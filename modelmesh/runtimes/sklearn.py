@@ -98,6 +98,8 @@ class SklearnRuntime(Runtime):
 
 
 class SklearnModel(LoadedModel):
+    batchable = True  # estimators predict row by row
+
     def __init__(self, model_id: str, estimator: Any) -> None:
         self.model_id = model_id
         self.estimator = estimator

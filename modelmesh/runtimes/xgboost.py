@@ -80,6 +80,8 @@ class XGBoostRuntime(Runtime):
 
 
 class XGBoostModel(LoadedModel):
+    batchable = True  # boosters predict row by row
+
     def __init__(self, model_id: str, booster: Any) -> None:
         self.model_id = model_id
         self.booster = booster

@@ -101,3 +101,131 @@ async def test_a_model_that_slows_down_moves_back_to_threads():
             await plane.infer(request(), "m", record)
         await cache.close()
     assert [t == loop_thread for t in model.threads] == [False, True, True, True, False, False]
+
+
+# --------------------------------------------------------------------------- batching
+
+
+class RowModel(LoadedModel):
+    """Doubles each row; refuses rows holding a negative value (a test double)."""
+
+    batchable = True
+
+    def __init__(self, row_aligned: bool = True) -> None:
+        self.size_bytes = 10
+        self.signature = ModelSignature((), ())
+        self.calls: list[int] = []  # rows per call
+        self.row_aligned = row_aligned
+
+    def predict(self, inputs, parameters):
+        x = inputs[0].data
+        self.calls.append(x.shape[0])
+        if (x < 0).any():
+            from modelmesh.errors import InvalidArgument
+
+            raise InvalidArgument("negative input")
+        y = x * 2 if self.row_aligned else x.sum(axis=0, keepdims=True)
+        return [Tensor("y", "FP32", y)]
+
+
+def plane_for(model: LoadedModel, executor: ThreadPoolExecutor, **kw) -> DataPlane:
+    cache = ModelCache(1000, OneModelLoader(model))  # type: ignore[arg-type]
+    return DataPlane(registry=None, cache=cache, metrics=Metrics(),  # type: ignore[arg-type]
+                     executor=executor, load_timeout=10, **kw)
+
+
+def row_request(*rows: float) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name="m")
+    t = req.inputs.add(name="x", datatype="FP32", shape=[len(rows), 1])
+    t.contents.fp32_contents.extend(rows)
+    return req
+
+
+def values(response: pb.ModelInferResponse) -> list[float]:
+    out = response.outputs[0]
+    if response.raw_output_contents:
+        return np.frombuffer(response.raw_output_contents[0], dtype=np.float32).tolist()
+    return list(out.contents.fp32_contents)
+
+
+async def test_concurrent_requests_share_one_prediction_and_get_their_own_rows():
+    import asyncio
+
+    model = RowModel()
+    record = ModelRecord("m", "identity", "m.json")
+    with ThreadPoolExecutor(2) as executor:
+        plane = plane_for(model, executor)
+        await plane.infer(row_request(0.5), "m", record)  # measured once, in a thread
+        model.calls.clear()
+        responses = await asyncio.gather(*(plane.infer(row_request(i, i + 0.25), "m", record)
+                                           for i in range(8)))
+        await plane.cache.close()
+    assert [values(r) for r in responses] == [[2 * i, 2 * i + 0.5] for i in range(8)]
+    assert model.calls == [16]  # one prediction over every request's rows
+    assert plane.batcher.stats.batches == 1 and plane.batcher.stats.merged_requests == 8
+    assert plane.metrics.batched_requests._value.get() == 8
+
+
+async def test_a_rejected_batch_is_retried_per_request_so_only_the_bad_one_fails():
+    import asyncio
+
+    from modelmesh.errors import InvalidArgument
+
+    model = RowModel()
+    record = ModelRecord("m", "identity", "m.json")
+    with ThreadPoolExecutor(2) as executor:
+        plane = plane_for(model, executor)
+        await plane.infer(row_request(0.5), "m", record)
+        model.calls.clear()
+        results = await asyncio.gather(
+            *(plane.infer(row_request(-1.0 if i == 3 else float(i)), "m", record)
+              for i in range(5)), return_exceptions=True)
+        await plane.cache.close()
+    assert isinstance(results[3], InvalidArgument)
+    assert [values(r) for i, r in enumerate(results) if i != 3] == [[0.0], [2.0], [4.0], [8.0]]
+    assert model.calls == [5, 1, 1, 1, 1, 1] and plane.batcher.stats.fallbacks == 1
+
+
+async def test_outputs_that_are_not_one_row_per_input_row_are_never_split():
+    import asyncio
+
+    model = RowModel(row_aligned=False)  # sums the rows: its output is not per row
+    record = ModelRecord("m", "identity", "m.json")
+    with ThreadPoolExecutor(2) as executor:
+        plane = plane_for(model, executor)
+        await plane.infer(row_request(0.5), "m", record)
+        responses = await asyncio.gather(*(plane.infer(row_request(i, i), "m", record)
+                                           for i in range(4)))
+        await plane.cache.close()
+    assert [values(r) for r in responses] == [[2.0 * i] for i in range(4)]
+    assert plane.batcher.stats.batches == 0 and plane.batcher.stats.fallbacks == 1
+
+
+@pytest.mark.parametrize("kw", [{"max_batch_rows": 0}, {}])
+async def test_no_merging_when_off_or_for_models_that_are_not_row_wise(kw):
+    import asyncio
+
+    model = RowModel()
+    if not kw:
+        model.batchable = False
+    record = ModelRecord("m", "identity", "m.json")
+    with ThreadPoolExecutor(2) as executor:
+        plane = plane_for(model, executor, **kw)
+        await plane.infer(row_request(0.5), "m", record)
+        model.calls.clear()
+        await asyncio.gather(*(plane.infer(row_request(i), "m", record) for i in range(4)))
+        await plane.cache.close()
+    assert model.calls == [1, 1, 1, 1]
+
+
+async def test_a_lone_client_stops_waiting_for_company():
+    model = RowModel()
+    record = ModelRecord("m", "identity", "m.json")
+    with ThreadPoolExecutor(2) as executor:
+        plane = plane_for(model, executor)
+        for i in range(10):
+            await plane.infer(row_request(float(i)), "m", record)
+        await plane.cache.close()
+    traffic = plane.batcher._traffic["m"]
+    assert traffic.company < 1.0  # the next batch closes at once instead of waiting
+    assert model.calls == [1] * 10

@@ -1,0 +1,188 @@
+"""Merging concurrent requests for one model into one prediction.
+
+A small model spends most of a prediction in per-call overhead (input validation,
+dispatch), not in per-row work: scikit-learn's LogisticRegression takes about as
+long for 16 rows as for one. Requests for the same model that arrive close together
+are stacked along the first (batch) axis, predicted in one call and split back.
+
+How long a batch stays open adapts to the traffic: a batch waits up to
+``max_delay`` for company only while waiting has been paying off (recent waiting
+batches served on average at least two requests); otherwise it closes as soon as the requests
+already ready in the event loop have joined it, so a lone client pays nothing but
+an occasional probe (one batch in ``PROBE_EVERY``). Only models that declare
+row-wise outputs (``LoadedModel.batchable``) and requests without parameters are
+merged; a batch whose outputs cannot be split by rows, or that the model rejects,
+is run again one request at a time, so every request gets exactly the answer (or
+error) it would have got alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from modelmesh.tensor import Tensor
+
+#: When waiting has not been paying off, one batch opening in this many waits anyway,
+#: to notice that traffic has picked up.
+PROBE_EVERY = 256
+
+# Runs a prediction: (inputs, requested outputs) -> (outputs, compute ns). It is
+# awaited, so the data plane decides whether that happens inline or in a thread.
+Predict = Callable[[list[Tensor], Sequence[str]], Awaitable[tuple[list[Tensor], int]]]
+
+
+def batch_key(inputs: Sequence[Tensor], requested: Sequence[str]) -> tuple | None:
+    """What requests must share to be merged, or None when this one cannot be."""
+    if not inputs:
+        return None
+    rows = None
+    key: list[object] = []
+    for t in inputs:
+        if t.parameters or t.data.ndim == 0:
+            return None
+        n = t.data.shape[0]
+        if rows is None:
+            rows = n
+        elif n != rows:
+            return None  # inputs disagree on the batch size: leave it to the model
+        key.append((t.name, t.datatype, t.data.dtype.str, t.data.shape[1:]))
+    return (tuple(key), tuple(requested))
+
+
+@dataclass
+class _Pending:
+    inputs: list[list[Tensor]] = field(default_factory=list)
+    futures: list[asyncio.Future[tuple[list[Tensor], int]]] = field(default_factory=list)
+    rows: int = 0
+    traffic: _Traffic | None = None  # set when this batch waited for company
+
+
+@dataclass
+class _Traffic:
+    """Per model: has waiting for company been paying off lately?"""
+
+    company: float = 1.0  # moving average of (requests - 1) in batches that waited
+    openings: int = 0
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0  # predictions that served more than one request
+    merged_requests: int = 0  # requests served by those
+    fallbacks: int = 0  # batches re-run one request at a time
+
+
+class Batcher:
+    """Per-model merging of requests that arrive in the same loop turn."""
+
+    def __init__(self, max_rows: int = 256, max_delay: float = 0.001,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        self.max_rows = max_rows
+        self.max_delay = max_delay
+        self.on_batch = on_batch
+        self._pending: dict[tuple, _Pending] = {}
+        self._traffic: dict[str, _Traffic] = {}
+        self.stats = BatchStats()
+
+    async def predict(self, model_id: str, key: tuple, inputs: list[Tensor],
+                      requested: Sequence[str], run: Predict) -> tuple[list[Tensor], int]:
+        """This request's outputs and its share of the compute time (ns)."""
+        loop = asyncio.get_running_loop()
+        full_key = (model_id, key)
+        pending = self._pending.get(full_key)
+        rows = inputs[0].data.shape[0]
+        if pending is not None and pending.rows + rows > self.max_rows:
+            self._close(full_key)
+            pending = None
+        if pending is None:
+            pending = self._pending[full_key] = _Pending()
+            traffic = self._traffic.get(model_id)
+            if traffic is None:
+                traffic = self._traffic[model_id] = _Traffic()
+            traffic.openings += 1
+            wait = self.max_delay > 0 and (traffic.company >= 1.0
+                                            or traffic.openings % PROBE_EVERY == 0)
+            if wait:
+                pending.traffic = traffic
+                loop.call_later(self.max_delay, self._flush, full_key, pending, requested, run)
+            else:
+                loop.call_soon(self._flush, full_key, pending, requested, run)
+        future: asyncio.Future[tuple[list[Tensor], int]] = loop.create_future()
+        pending.inputs.append(inputs)
+        pending.futures.append(future)
+        pending.rows += rows
+        return await future
+
+    def _close(self, full_key: tuple) -> None:
+        self._pending.pop(full_key, None)  # its flush is already scheduled
+
+    def _flush(self, full_key: tuple, pending: _Pending, requested: Sequence[str],
+               run: Predict) -> None:
+        if self._pending.get(full_key) is pending:
+            del self._pending[full_key]
+        if pending.traffic is not None:
+            pending.traffic.company = (0.8 * pending.traffic.company
+                                       + 0.2 * (len(pending.futures) - 1))
+        task = asyncio.get_running_loop().create_task(self._serve(pending, requested, run))
+        # The futures carry every outcome; keep a reference until the task is done.
+        _RUNNING.add(task)
+        task.add_done_callback(_RUNNING.discard)
+
+    async def _serve(self, pending: _Pending, requested: Sequence[str], run: Predict) -> None:
+        futures = pending.futures
+        if len(futures) == 1:
+            await _settle(futures[0], run(pending.inputs[0], requested))
+            return
+        try:
+            merged = [Tensor(t.name, t.datatype,
+                             np.concatenate([req[i].data for req in pending.inputs]))
+                      for i, t in enumerate(pending.inputs[0])]
+            outputs, compute_ns = await run(merged, requested)
+            parts = _split(outputs, [req[0].data.shape[0] for req in pending.inputs])
+        except Exception:  # noqa: BLE001 - re-run alone: each request gets its own answer
+            parts = None
+        if parts is None:
+            self.stats.fallbacks += 1
+            for inputs, future in zip(pending.inputs, futures, strict=True):
+                await _settle(future, run(inputs, requested))
+            return
+        self.stats.batches += 1
+        self.stats.merged_requests += len(futures)
+        if self.on_batch is not None:
+            self.on_batch(len(futures))
+        share = compute_ns // len(futures)
+        for part, future in zip(parts, futures, strict=True):
+            if not future.done():
+                future.set_result((part, share))
+
+
+_RUNNING: set[asyncio.Task[None]] = set()
+
+
+async def _settle(future: asyncio.Future, call: Awaitable[tuple[list[Tensor], int]]) -> None:
+    try:
+        result = await call
+    except BaseException as exc:  # noqa: BLE001 - handed to the request that made it
+        if not future.done():
+            future.set_exception(exc)
+        if not isinstance(exc, Exception):
+            raise
+        return
+    if not future.done():
+        future.set_result(result)
+
+
+def _split(outputs: list[Tensor], rows: list[int]) -> list[list[Tensor]] | None:
+    """Each request's rows of every output; None if an output is not one row per input row."""
+    total = sum(rows)
+    if any(t.data.ndim == 0 or t.data.shape[0] != total for t in outputs):
+        return None
+    bounds = np.cumsum(rows)[:-1]
+    per_output = [np.split(t.data, bounds) for t in outputs]
+    return [[Tensor(t.name, t.datatype, pieces[i], t.parameters)
+             for t, pieces in zip(outputs, per_output, strict=True)]
+            for i in range(len(rows))]
