@@ -6,6 +6,8 @@ concurrency, the unmodified tritonclient (asyncio) drives, in turn:
 - ``bare``: a grpc.aio V2 server that decodes the request, calls the model and
   encodes the answer, nothing else: the floor for any Python server on this machine;
 - ``local``: a mesh instance that holds the model;
+- ``local-unmerged``: the same with request merging off (``--max-batch-rows 0``), to
+  show the serving path's own cost apart from what merging saves;
 - ``forwarded``: another mesh instance, which forwards the request bytes to the first;
 - ``mlserver``: MLServer 1.7.1 (own virtualenv, ``parallel_workers: 0``);
 - ``kserve``: KServe's Python ModelServer (own virtualenv).
@@ -111,14 +113,22 @@ def run(workdir: Path, quick: bool, peers: bool = True) -> dict[str, Any]:
                                    extra=no_scaling)
         _, ingress, _ = start_mesh(procs, workdir, etcd, "ingress", workdir / "models",
                                    extra=no_scaling)
+        # The same serving path with request merging off, in a mesh of its own: what
+        # the mesh costs per request, apart from what merging saves.
+        _, unmerged, _ = start_mesh(procs, workdir, etcd, "unmerged", workdir / "models",
+                                    mesh_name="bench-unmerged",
+                                    extra=[*no_scaling, "--max-batch-rows", "0"])
         endpoints: dict[str, dict[str, str]] = {}
         for kind in kinds:
             model = models_all[kind]
             register(serving, model.name, model.model_type,
                      str(model.path.relative_to(workdir / "models")))
             load_here(serving, model.name)
+            register(unmerged, model.name, model.model_type,
+                     str(model.path.relative_to(workdir / "models")), load_now=True)
             endpoints[kind] = {"bare": start_bare(procs, workdir, model),
-                               "local": serving, "forwarded": ingress}
+                               "local": serving, "local-unmerged": unmerged,
+                               "forwarded": ingress}
             if peers:
                 from peers import start_kserve, start_mlserver
 
@@ -152,6 +162,10 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
                 if name == "bare":
                     out[f"local_vs_bare_throughput_{key}"] = _ratio(local, other, "requests_per_s")
                     out[f"local_vs_bare_p50_{key}"] = _ratio(local, other, "p50_ms")
+                elif name == "local-unmerged":
+                    out[f"unmerged_vs_bare_throughput_{key}"] = _ratio(other, servers["bare"],
+                                                                       "requests_per_s")
+                    out[f"unmerged_vs_bare_p50_{key}"] = _ratio(other, servers["bare"], "p50_ms")
                 elif name == "forwarded":
                     out[f"forward_vs_local_throughput_{key}"] = _ratio(other, local,
                                                                        "requests_per_s")

@@ -106,9 +106,9 @@ def op_delete(key: bytes, prefix: bool = False) -> rpc.RequestOp:
     return rpc.RequestOp(request_delete_range=req)
 
 
-def op_get(key: bytes, prefix: bool = False) -> rpc.RequestOp:
+def op_get(key: bytes, prefix: bool = False, count_only: bool = False) -> rpc.RequestOp:
     return rpc.RequestOp(request_range=rpc.RangeRequest(
-        key=key, range_end=prefix_end(key) if prefix else b""))
+        key=key, range_end=prefix_end(key) if prefix else b"", count_only=count_only))
 
 
 class EtcdClient:

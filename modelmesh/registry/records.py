@@ -7,7 +7,7 @@ newer instance can add fields without breaking an older one during an upgrade.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum, StrEnum
 from typing import Any, Self
 
@@ -26,23 +26,49 @@ class VModelState(StrEnum):
     TRANSITION_FAILED = "TRANSITION_FAILED"  # the target failed to load
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
 class _Record:
-    """JSON (de)serialisation shared by the record dataclasses."""
+    """JSON (de)serialisation shared by the record dataclasses.
+
+    Empty slots, so the records (a mirror holds one per registered model) carry no
+    per-instance ``__dict__`` or weakref slot. Field names are read once per class:
+    ``dataclasses.asdict`` deep-copies every value and was most of the cost of
+    writing a record.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def _field_names(cls) -> tuple[str, ...]:
+        names = _FIELD_NAMES.get(cls)
+        if names is None:
+            names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+        return names
 
     def to_json(self) -> bytes:
-        data = {k: v for k, v in asdict(self).items() if v not in (None, "", {}, [])}  # type: ignore[call-overload]
-        for k, v in data.items():
-            if isinstance(v, Enum):
-                data[k] = v.value
-        return json.dumps(data, separators=(",", ":")).encode()
+        data = {}
+        for k in self._field_names():
+            v = getattr(self, k)
+            if v is None or v == "" or v == {} or v == []:
+                continue
+            data[k] = v.value if isinstance(v, Enum) else v
+        return _ENCODE(data).encode()
 
     @classmethod
     def from_json(cls, raw: bytes | str, **keys: Any) -> Self:
         data = json.loads(raw)
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        known = _FIELD_SETS.get(cls)
+        if known is None:
+            known = _FIELD_SETS[cls] = frozenset(cls._field_names())
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs.update(keys)
         return cls(**kwargs)
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_FIELD_SETS: dict[type, frozenset[str]] = {}
 
 
 @dataclass(frozen=True, slots=True)

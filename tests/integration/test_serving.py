@@ -575,3 +575,50 @@ def test_modelmesh_simulate_command(tmp_path):
     assert r.returncode == 0, r.stderr
     results = json.loads((tmp_path / "sim" / "results.json").read_text())
     assert "modelmesh" in results and results["modelmesh"]["requests"] > 0
+
+
+def test_concurrent_registrations_share_transactions_without_losing_any(mesh, mgmt,
+                                                                         demo_models):
+    """Hundreds of registerModel calls at once (their etcd writes are grouped): each new id
+    is registered once, a repeat of the same definition succeeds, a different definition
+    for an existing id is refused, and nothing else is touched."""
+    import asyncio
+
+    sk, onnx = str(demo_models["sklearn"].path), str(demo_models["onnx"].path)
+    register(mgmt, "burst-existing", "sklearn", sk, load_now=False)
+
+    async def burst() -> list[grpc.StatusCode]:
+        async with grpc.aio.insecure_channel(mesh.endpoint) as ch:
+            stub = mm_grpc.ModelMeshStub(ch)
+
+            async def one(model_id: str, path: str, model_type: str) -> grpc.StatusCode:
+                try:
+                    await stub.registerModel(mm.RegisterModelRequest(
+                        modelId=model_id, modelInfo=mm.ModelInfo(type=model_type, path=path)),
+                        timeout=60)
+                    return grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+
+            calls = [one(f"burst-{i:03d}", sk, "sklearn") for i in range(300)]
+            calls += [one(f"burst-{i:03d}", sk, "sklearn") for i in range(0, 300, 30)]  # repeats
+            calls += [one("burst-existing", sk, "sklearn"),  # same definition: fine
+                      one("burst-existing", onnx, "onnx"),  # another definition: refused
+                      one("burst-007", onnx, "onnx")]  # refused, or wins and 007 is refused
+            return await asyncio.gather(*calls)
+
+    codes = asyncio.run(burst())
+    new, repeats, tail = codes[:300], codes[300:310], codes[310:]
+    assert tail[:2] == [grpc.StatusCode.OK, grpc.StatusCode.ALREADY_EXISTS]
+    # burst-007 got two definitions at once: exactly one of them won.
+    assert sorted([new[7].name, tail[2].name]) == ["ALREADY_EXISTS", "OK"]
+    others = [c for i, c in enumerate(new) if i != 7]
+    assert set(others) == {grpc.StatusCode.OK} and set(repeats) == {grpc.StatusCode.OK}
+    for i in range(300):
+        status = mgmt.getModelStatus(mm.GetStatusRequest(modelId=f"burst-{i:03d}"), timeout=10)
+        assert ST.ModelStatus.Name(status.status) == "NOT_LOADED"
+    with grpc.insecure_channel(mesh.endpoint) as ch:
+        listed = ext_grpc.ModelMeshExtensionsStub(ch).listModels(
+            ext.ListModelsRequest(page_size=1000), timeout=30)
+    ids = [m.modelId for m in listed.models]
+    assert sum(1 for i in ids if i.startswith("burst-")) == 301
