@@ -41,6 +41,7 @@ from placement import get_policy
 
 log = logging.getLogger(__name__)
 
+_INSTANCE_MIN_GAP_S = 0.2
 _INSTANCE_REFRESH_S = 5.0
 
 
@@ -335,7 +336,7 @@ class MeshInstance:
                     await asyncio.sleep(0.5)
 
     def instance_record(self) -> InstanceRecord:
-        mem = self.cache.snapshot().memory()
+        mem = self.cache.memory()
         return InstanceRecord(
             instance_id=self.instance_id,
             endpoint=self.settings.advertise or f"127.0.0.1:{self.port}",
@@ -373,6 +374,9 @@ class MeshInstance:
                 last = rec
             except Unavailable:
                 await asyncio.sleep(1.0)
+            # Under churn every load and eviction marks the record dirty: publish at
+            # most a few times a second (each record walks the whole cache).
+            await asyncio.sleep(_INSTANCE_MIN_GAP_S)
 
     async def _keepalive(self) -> None:
         """Keep the lease alive; after losing it (etcd down too long) re-create and republish."""

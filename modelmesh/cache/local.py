@@ -30,7 +30,7 @@ from typing import Protocol
 from modelmesh.errors import CapacityExceeded, MeshError, ModelLoadFailed, Unavailable
 from modelmesh.registry.records import ModelRecord
 from modelmesh.runtimes.base import LoadedModel
-from placement import CachedModel, InstanceCache, Policy, rate_after_request
+from placement import CachedModel, InstanceCache, Memory, Policy, rate_after_request
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,11 @@ class ModelCache:
         )
         self.loads = 0
         self.evictions = 0
+        self._generation = 0  # bumped whenever an entry is added, removed or changes state
+        self._counted_at = -1
+        self._count_cache = (0, 0)
+        self._memory: Memory | None = None
+        self._memory_at = 0.0
 
     # -- queries ----------------------------------------------------------------
 
@@ -143,11 +148,41 @@ class ModelCache:
 
     @property
     def loaded_count(self) -> int:
-        return sum(1 for e in self._entries.values() if e.state is EntryState.LOADED)
+        return self._counts()[0]
 
     @property
     def loading_count(self) -> int:
-        return sum(1 for e in self._entries.values() if e.state is EntryState.LOADING)
+        return self._counts()[1]
+
+    def _counts(self) -> tuple[int, int]:
+        """(loaded, loading), recounted only after an entry changed state.
+
+        Every cache event asks for them (metrics, the instance record); with
+        thousands of models a count per event was a visible share of the loop.
+        """
+        if self._counted_at != self._generation:
+            loaded = loading = 0
+            for e in self._entries.values():
+                if e.state is EntryState.LOADED:
+                    loaded += 1
+                elif e.state is EntryState.LOADING:
+                    loading += 1
+            self._count_cache = (loaded, loading)
+            self._counted_at = self._generation
+        return self._count_cache
+
+    def memory(self, max_age: float = 0.1) -> Memory:
+        """The snapshot's memory summary, at most ``max_age`` seconds old.
+
+        Routing asks for it on every request it cannot serve here and the
+        instance record on every cache event; one summary walks every entry, so
+        it is shared for a moment (other instances' figures are older still).
+        """
+        now = time.monotonic()
+        if self._memory is None or now - self._memory_at > max_age:
+            self._memory = self.snapshot().memory()
+            self._memory_at = now
+        return self._memory
 
     def get(self, model_id: str) -> CacheEntry | None:
         return self._entries.get(model_id)
@@ -192,6 +227,7 @@ class ModelCache:
             if time.monotonic() < entry.failed_until:
                 raise ModelLoadFailed(model_id, entry.error)
             del self._entries[model_id]
+            self._generation += 1
 
     def _touch(self, entry: CacheEntry) -> None:
         """Record one use: LRU order, the model's decayed rate, the copy's priority."""
@@ -224,6 +260,7 @@ class ModelCache:
             entry.state is EntryState.FAILED and time.monotonic() >= entry.failed_until
         ):
             self._entries.pop(record.model_id, None)
+            self._generation += 1
             entry = self._start_load(record)
         return entry
 
@@ -235,6 +272,7 @@ class ModelCache:
         loop = asyncio.get_running_loop()
         entry = CacheEntry(record.model_id, loop.create_future())
         self._entries[record.model_id] = entry
+        self._generation += 1
         task = loop.create_task(self._load(entry, record), name=f"load:{record.model_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -267,6 +305,7 @@ class ModelCache:
                 entry.model = model
                 entry.load_ms = (time.perf_counter() - started) * 1000
                 entry.state = EntryState.LOADED
+                self._generation += 1
                 entry.loaded_at = time.time()
                 self._touch(entry)  # the load is for a use: it starts valued as one
                 entry.hits = 0
@@ -284,6 +323,7 @@ class ModelCache:
             )
             self._resize(entry, 0)
             entry.state = EntryState.FAILED
+            self._generation += 1
             entry.error = reason
             # A lack of room right now is not the model's fault: the next request retries.
             transient = getattr(exc, "transient", False)
@@ -292,6 +332,7 @@ class ModelCache:
                 await loop.run_in_executor(self._executor, model.unload)
             if entry.unload_requested and self._entries.get(entry.model_id) is entry:
                 del self._entries[entry.model_id]
+                self._generation += 1
             log.warning("model failed to load: %s: %s", record.model_id, reason)
             self._on_event(CacheEvent("failed", record.model_id, error=reason))
         finally:
@@ -384,6 +425,7 @@ class ModelCache:
         """Remove a loaded model now and release its resources in the background."""
         if self._entries.get(entry.model_id) is entry:
             del self._entries[entry.model_id]
+            self._generation += 1
         self._resize(entry, 0)
         model, entry.model = entry.model, None
         if model is not None:
@@ -402,6 +444,7 @@ class ModelCache:
             self._drop(entry, reason)
         elif entry.state is EntryState.FAILED:
             del self._entries[model_id]
+            self._generation += 1
         else:
             entry.unload_requested = True
         return True
@@ -416,5 +459,6 @@ class ModelCache:
             if entry.state is EntryState.LOADED:
                 self._drop(entry, "shutdown")
         self._entries.clear()
+        self._generation += 1
         if self._own_executor:
             self._executor.shutdown(wait=True)

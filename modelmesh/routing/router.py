@@ -356,7 +356,7 @@ class Router:
 
     def local_snapshot(self) -> InstanceSnapshot:
         s = self.instance.settings
-        mem = self.cache.snapshot().memory()
+        mem = self.cache.memory()
         return InstanceSnapshot(
             instance_id=self.me,
             cpu=Memory(self.cache.capacity_bytes, self.cache.used_bytes, mem.pinned_bytes,

@@ -181,3 +181,22 @@ async def test_measured_size_larger_than_predicted_evicts_others() -> None:
     cache.release(entry)
     assert cache.used_bytes <= 1000 and not cache.is_loaded("a")
     await cache.close()
+
+
+async def test_counts_follow_every_state_change() -> None:
+    loader = StandInLoader({"a": 100, "b": 100, "c": 100, "bad": 10}, delay=0.05, fail={"bad"})
+    cache = ModelCache(1000, loader, failure_ttl=0.0)
+    assert (cache.loaded_count, cache.loading_count) == (0, 0)
+    entry = cache.ensure_loading(rec("a"))
+    assert (cache.loaded_count, cache.loading_count) == (0, 1)
+    await entry.ready
+    assert (cache.loaded_count, cache.loading_count) == (1, 0)
+    await asyncio.gather(use(cache, "b"), use(cache, "c"))
+    with pytest.raises(ModelLoadFailed):
+        await use(cache, "bad")
+    assert (cache.loaded_count, cache.loading_count) == (3, 0)
+    cache.unload("b")
+    assert (cache.loaded_count, cache.loading_count) == (2, 0)
+    assert cache.memory(max_age=0).used_bytes == 200
+    await cache.close()
+    assert (cache.loaded_count, cache.loading_count) == (0, 0)
