@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from modelmesh.cache.local import EntryState
+from modelmesh.cache.local import CacheEntry, EntryState
 from modelmesh.errors import (
     CapacityExceeded,
     MeshError,
@@ -161,6 +161,16 @@ class Router:
         record = await self.registry.require_model(model_id)
         entry = self.cache.get(model_id)
         here = entry is not None and entry.state is not EntryState.FAILED
+        if here and entry is not None and info.hops < self.max_hops and not info.balanced:
+            target = self._shed_target(record, entry)
+            if target is not None:
+                try:
+                    return await self._forward(target, method, raw, info, False, model_id)
+                except PeerError as exc:
+                    if exc.reached and REJECT not in exc.trailing:
+                        raise PeerStatus(exc.code, exc.details) from None
+                    if not exc.reached:
+                        self.suspect(target)  # and serve it here after all
         if here or info.load_here or info.hops >= self.max_hops:
             if not here and self.instance.draining:
                 raise Rejected(f"instance {self.me} is shutting down and loads nothing new")
@@ -191,6 +201,25 @@ class Router:
         if last is not None:
             raise Unavailable(f"model '{model_id}': no instance could serve it ({last})")
         return await self._no_placement(record, local)
+
+    def _shed_target(self, record: ModelRecord, entry: CacheEntry) -> str | None:
+        """Another copy to take a request that the busy copy here would have to queue.
+
+        A model with a copy here is served here, except when every inference thread
+        is taken by it and another instance holds a copy too: then placement's
+        route decision (fewest in flight) picks the copy, so the copies that scaling
+        added for a hot model share the traffic that reaches this one.
+        """
+        if entry.in_use < self.instance.concurrency or entry.state is not EntryState.LOADED:
+            return None
+        copies = self.registry.copies.get(record.model_id)
+        if not copies or not any(iid != self.me and c.state is RecordCopyState.LOADED
+                                 for iid, c in copies.items()):
+            return None
+        excluded = self._excluded()
+        target = self.policy.route(self.model_snapshot(record, excluded),
+                                   self.cluster_snapshot(excluded))
+        return target if target is not None and target != self.me else None
 
     async def _no_placement(
         self, record: ModelRecord, local: Callable[[ModelRecord], Awaitable[bytes]]

@@ -248,7 +248,7 @@ def _run(slot: _Slot, inputs, params, requested, response: pb.ModelInferResponse
     model = slot.model
     if model is None:
         raise Unavailable(f"model '{slot.model_id}' was unloaded")
-    codec.encode_outputs(model.predict(inputs, params), requested, response)
+    codec.encode_outputs(model.predict_outputs(inputs, params, requested), requested, response)
 
 
 class RuntimeInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):

@@ -268,13 +268,21 @@ def test_concurrent_cold_requests_across_ingresses_share_one_load(mesh_factory, 
     assert loads == 1, f"{loads} loads for one cold model"
 
 
+@pytest.mark.parametrize("first_copy", ["elsewhere", "on the ingress"])
 def test_hot_model_gains_copies_under_load_and_loses_them_after(mesh_factory, etcd_server,
-                                                                models_root):
+                                                                models_root, first_copy):
     extra = ["--placement", "density:settle_s=2", "--inference-threads", "2"]
     meshes = start_mesh(mesh_factory, etcd_server, "hot", 3, *extra)
     ingress = meshes[0].endpoint
     # 20 ms per request and 2 threads per instance: one copy serves ~100 req/s at most.
     register(ingress, {"hot": identity_file(models_root, "hot", delay_ms=20)})
+    # Where the first copy lives decides the path: forwarded to the copies, or served
+    # here until the copy here is saturated and then shared with the copies elsewhere.
+    holder = meshes[0] if first_copy == "on the ingress" else meshes[1]
+    with grpc.insecure_channel(holder.endpoint) as ch:
+        mm_grpc.ModelMeshStub(ch).ensureLoaded(
+            mm.EnsureLoadedRequest(modelId="hot", sync=True),
+            metadata=[("mm-load-here", "1")], timeout=60)
     with Traffic(ingress, ["hot"], threads=8) as traffic:
         grown = wait_until(
             lambda: sum(s == "LOADED" for s in copies(ingress, "hot").values()) >= 2, 40, 0.5)
