@@ -351,9 +351,13 @@ class Router:
                balanced: bool = False) -> tuple[str | None, bool]:
         """(instance to send to, whether it should load) for a request not served here yet."""
         excluded = self._excluded(tried)
+        model_id = record.model_id
+        if not balanced:
+            only = self._only_copy(model_id, excluded)
+            if only is not None:
+                return only, False
         cluster = self.cluster_snapshot(excluded)
         model = self.model_snapshot(record, excluded)
-        model_id = record.model_id
         at_max = bool(record.max_copies) and len(model.holders) >= record.max_copies
         if balanced and not at_max and self.me not in excluded and not self.instance.draining:
             local = cluster.instance(self.me)
@@ -376,6 +380,22 @@ class Router:
         if target is not None and target != self.me:
             self._pending[model_id] = (target, model.size_bytes, time.monotonic() + 10.0)
         return target, True
+
+    def _only_copy(self, model_id: str, excluded: frozenset[str]) -> str | None:
+        """The instance of a model's single usable copy, when that is all there is.
+
+        Every route decision sends such a request to that copy; finding it without
+        building the cluster and model snapshots keeps the most common forwarding
+        case (one copy, elsewhere) cheap.
+        """
+        copies = self.registry.copies.get(model_id)
+        if not copies or len(copies) != 1 or self.cache.get(model_id) is not None:
+            return None
+        ((iid, copy),) = copies.items()
+        if copy.state is not RecordCopyState.LOADED or iid == self.me or iid in excluded:
+            return None
+        rec = self.registry.instances.get(iid)
+        return iid if rec is not None and not rec.shutting_down else None
 
     def placed(self, model_id: str) -> None:
         """A copy of ``model_id`` appeared: its pending placement is no longer needed."""

@@ -173,3 +173,42 @@ async def test_models_in_use_are_never_evicted() -> None:
         assert cache.get("held") is None
     finally:
         await cache.close()
+
+
+# -- the single-copy shortcut ------------------------------------------------------------
+
+
+def _router_with(copies: dict, instances: dict, cached: bool = False):
+    """A Router over stand-in registry and cache objects (test doubles, no etcd)."""
+    from types import SimpleNamespace
+
+    from modelmesh.routing.router import Router
+
+    registry = SimpleNamespace(copies=copies, instances=instances)
+    cache = SimpleNamespace(policy=get_policy("density"),
+                            get=lambda model_id: object() if cached else None)
+    instance = SimpleNamespace(settings=from_sources(environ={}), registry=registry,
+                               cache=cache, instance_id="me")
+    return Router(instance)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("state", "where", "draining", "cached", "excluded", "expected"), [
+    ("LOADED", "peer", False, False, frozenset(), "peer"),
+    ("LOADING", "peer", False, False, frozenset(), None),  # waits are placement's business
+    ("LOADED", "peer", True, False, frozenset(), None),  # shutting down: ask placement
+    ("LOADED", "peer", False, True, frozenset(), None),  # an entry here: not this shortcut
+    ("LOADED", "peer", False, False, frozenset({"peer"}), None),  # tried or suspect
+    ("LOADED", "me", False, False, frozenset(), None),
+])
+def test_single_loaded_copy_elsewhere_is_taken_directly(state, where, draining, cached,
+                                                        excluded, expected):
+    from types import SimpleNamespace
+
+    from modelmesh.registry.records import CopyRecord, CopyState
+
+    copies = {"m": {where: CopyRecord("m", where, CopyState[state])}}
+    instances = {where: SimpleNamespace(shutting_down=draining)}
+    router = _router_with(copies, instances, cached)
+    assert router._only_copy("m", excluded) == expected
+    two = {"m": {**copies["m"], "other": CopyRecord("m", "other", CopyState.LOADED)}}
+    assert _router_with(two, instances)._only_copy("m", frozenset()) is None
