@@ -190,6 +190,27 @@ def test_traffic_to_one_instance_spreads_models_over_the_mesh(mesh_factory, etcd
     assert metric(meshes[0], 'modelmesh_forwarded_requests_total{code="OK"}') >= 100
 
 
+def test_cold_models_requested_one_by_one_spread_with_room_to_spare(mesh_factory, etcd_server,
+                                                                    models_root):
+    """Plenty of capacity everywhere, first requests one after the other through one
+    instance: placement must still see each instance's growing load (from the instance
+    records it reads) and not pile every model onto one of them."""
+    meshes = start_mesh(mesh_factory, etcd_server, "even", capacity="256MiB")
+    models = {f"e{i:02d}": identity_file(models_root, f"even-{i}", memory_bytes=1_000_000)
+              for i in range(30)}
+    register(meshes[0].endpoint, models)
+    with triton.InferenceServerClient(meshes[0].endpoint) as c:
+        for model in sorted(models):
+            assert np.all(infer(c, model, 2.0) == 2.0)
+    def counts() -> dict[str, int]:
+        return {i.instanceId: i.modelCount for i in instances(meshes[0].endpoint).values()}
+
+    assert wait_until(lambda: sum(counts().values()) >= 30, 10), counts()
+    counts_now = counts()
+    assert len(counts_now) == 3
+    assert max(counts_now.values()) <= 18, f"models piled onto one instance: {counts_now}"
+
+
 def test_forwarding_passes_request_and_answer_through_untouched(mesh_factory, etcd_server,
                                                                  models_root):
     a, b = start_mesh(mesh_factory, etcd_server, "fwd", 2)
