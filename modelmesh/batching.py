@@ -1,4 +1,4 @@
-"""Merging concurrent requests for one model into one prediction.
+"""Running predictions: inline or in threads, and merging concurrent requests.
 
 A small model spends most of a prediction in per-call overhead (input validation,
 dispatch), not in per-row work: scikit-learn's LogisticRegression takes about as
@@ -19,12 +19,15 @@ error) it would have got alone.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from modelmesh.tensor import Tensor
+from modelmesh.runtimes.base import LoadedModel
+from modelmesh.tensor import Parameters, Tensor
 
 #: When waiting has not been paying off, one batch opening in this many waits anyway,
 #: to notice that traffic has picked up.
@@ -186,3 +189,60 @@ def _split(outputs: list[Tensor], rows: list[int]) -> list[list[Tensor]] | None:
     return [[Tensor(t.name, t.datatype, pieces[i], t.parameters)
              for t, pieces in zip(outputs, per_output, strict=True)]
             for i in range(len(rows))]
+
+
+class PredictionRunner:
+    """Where a loaded model's predictions run: inline or in a thread, merged or alone.
+
+    Shared by the mesh's data plane and the ``modelmesh runtime`` server. A model
+    whose predictions usually take less than ``inline_ms`` runs on the event loop
+    (a thread hop costs more than it does); others run in ``executor``. Requests
+    without parameters for a row-wise model go through a :class:`Batcher`.
+    """
+
+    def __init__(self, executor: Executor, inline_ms: float = 1.0, max_batch_rows: int = 256,
+                 max_batch_delay_ms: float = 1.0,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        self.executor = executor
+        self.inline_ns = int(inline_ms * 1e6)
+        self.batching = max_batch_rows > 1
+        self.batcher = Batcher(max_batch_rows, max_batch_delay_ms / 1000, on_batch=on_batch)
+        self._typical: dict[str, int] = {}  # model id -> moving average of compute ns
+
+    def typical_ns(self, model_id: str) -> int:
+        """Recent compute time of one prediction of the model (0: not measured yet)."""
+        return self._typical.get(model_id, 0)
+
+    async def predict(self, model_id: str, model: LoadedModel, inputs: list[Tensor],
+                      params: Parameters, requested: Sequence[str]) -> tuple[list[Tensor], int]:
+        """The model's outputs for ``inputs`` and the compute ns charged to this request."""
+        key = None
+        if self.batching and not params and model.batchable:
+            key = batch_key(inputs, requested)
+        if key is None:
+            return await self._run(model_id, model, inputs, params, requested)
+        return await self.batcher.predict(
+            model_id, key, inputs, requested,
+            lambda ins, req: self._run(model_id, model, ins, params, req))
+
+    async def _run(self, model_id: str, model: LoadedModel, inputs: list[Tensor],
+                   params: Parameters, requested: Sequence[str]) -> tuple[list[Tensor], int]:
+        typical = self._typical.get(model_id, 0)
+        if 0 < typical < self.inline_ns:
+            outputs, ns = _timed(model, inputs, params, requested)
+        else:
+            outputs, ns = await asyncio.get_running_loop().run_in_executor(
+                self.executor, _timed, model, inputs, params, requested)
+        self._typical[model_id] = ns if not typical else (typical * 7 + ns) // 8
+        return outputs, ns
+
+    def forget(self, model_id: str) -> None:
+        """Drop what is known of an unloaded model."""
+        self._typical.pop(model_id, None)
+
+
+def _timed(model: LoadedModel, inputs: list[Tensor], params: Parameters,
+           requested: Sequence[str]) -> tuple[list[Tensor], int]:
+    start = time.perf_counter_ns()
+    outputs = model.predict_outputs(inputs, params, requested)
+    return outputs, time.perf_counter_ns() - start

@@ -1,7 +1,7 @@
 """The one data plane: every transport (V2 gRPC now, REST later) calls into this.
 
 It resolves a model name to a registered model, makes sure the model is loaded
-(through the cache), runs it off the event loop and keeps per-model statistics.
+(through the cache), runs it (``modelmesh.batching``) and keeps per-model statistics.
 It knows V2 messages (they are the protocol) but nothing of gRPC servicers.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -17,13 +16,12 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from modelmesh import codec
-from modelmesh.batching import Batcher, batch_key
+from modelmesh.batching import PredictionRunner
 from modelmesh.cache.local import CacheEntry, ModelCache
 from modelmesh.errors import InvalidArgument, MeshError, ModelNotFound, Unavailable
 from modelmesh.metrics import Metrics
 from modelmesh.registry.records import ModelRecord
 from modelmesh.registry.store import Registry
-from modelmesh.tensor import Parameters, Tensor
 
 
 @dataclass(slots=True)
@@ -49,20 +47,6 @@ class ModelStats:
     compute_infer: Duration = field(default_factory=Duration)
     cache_hit: Duration = field(default_factory=Duration)
     cache_miss: Duration = field(default_factory=Duration)
-    #: Moving average of recent compute times; decides inline vs thread (0: unknown).
-    typical_compute_ns: int = 0
-
-
-def _predict_timed(
-    entry: CacheEntry, inputs: list[Tensor], params: Parameters, requested: Sequence[str]
-) -> tuple[list[Tensor], int]:
-    """Predict (inline or in an inference thread); returns the outputs and compute ns."""
-    start = time.perf_counter_ns()
-    model = entry.model
-    if model is None:  # unloaded between acquire and now: cannot happen while in use
-        raise Unavailable(f"model '{entry.model_id}' was unloaded")
-    outputs = model.predict_outputs(inputs, params, requested)
-    return outputs, time.perf_counter_ns() - start
 
 
 class DataPlane:
@@ -84,10 +68,8 @@ class DataPlane:
         self.metrics = metrics
         self.executor = executor
         self.load_timeout = load_timeout
-        self.inline_ns = int(inline_infer_ms * 1e6)
-        self.batching = max_batch_rows > 1
-        self.batcher = Batcher(max_batch_rows, max_batch_delay_ms / 1000,
-                               on_batch=self._on_batch)
+        self.runner = PredictionRunner(executor, inline_infer_ms, max_batch_rows,
+                                       max_batch_delay_ms, on_batch=self._on_batch)
         self.stats: dict[str, ModelStats] = {}
 
     # -- names ----------------------------------------------------------------
@@ -202,16 +184,11 @@ class DataPlane:
                     id=request.id,
                 )
                 queued = time.perf_counter_ns()
-                key = None
-                if self.batching and not params and getattr(entry.model, "batchable", False):
-                    key = batch_key(inputs, requested)
-                if key is None:
-                    outputs, compute_ns = await self._predict(entry, inputs, params, requested,
-                                                              stats)
-                else:
-                    outputs, compute_ns = await self.batcher.predict(
-                        record.model_id, key, inputs, requested,
-                        lambda ins, req: self._predict(entry, ins, params, req, stats))
+                model = entry.model
+                if model is None:  # unloaded between acquire and now: cannot happen in use
+                    raise Unavailable(f"model '{record.model_id}' was unloaded")
+                outputs, compute_ns = await self.runner.predict(
+                    record.model_id, model, inputs, params, requested)
                 codec.encode_outputs(outputs, requested, response)
                 stats.queue.add(max(time.perf_counter_ns() - queued - compute_ns, 0))
                 stats.compute_infer.add(compute_ns)
@@ -232,20 +209,6 @@ class DataPlane:
     def _on_batch(self, requests: int) -> None:
         self.metrics.batches.inc()
         self.metrics.batched_requests.inc(requests)
-
-    async def _predict(self, entry: CacheEntry, inputs: list[Tensor], params: Parameters,
-                       requested: Sequence[str], stats: ModelStats) -> tuple[list[Tensor], int]:
-        if 0 < stats.typical_compute_ns < self.inline_ns:
-            # A fast model: handing it to a thread and back costs more than it does.
-            outputs, compute_ns = _predict_timed(entry, inputs, params, requested)
-        else:
-            outputs, compute_ns = await asyncio.get_running_loop().run_in_executor(
-                self.executor, _predict_timed, entry, inputs, params, requested)
-        stats.typical_compute_ns = (
-            compute_ns if not stats.typical_compute_ns
-            else (stats.typical_compute_ns * 7 + compute_ns) // 8
-        )
-        return outputs, compute_ns
 
     # -- queries ----------------------------------------------------------------
 

@@ -83,7 +83,7 @@ async def test_fast_models_run_inline_after_a_measured_call(seconds, inline_ms, 
     on_loop = [t == loop_thread for t in model.threads[1:]]
     assert on_loop == [inline_expected] * 4
     assert model.requested == [["z"]] * 5
-    assert plane.stats["m"].typical_compute_ns > 0
+    assert plane.runner.typical_ns("m") > 0
 
 
 async def test_a_model_that_slows_down_moves_back_to_threads():
@@ -162,7 +162,8 @@ async def test_concurrent_requests_share_one_prediction_and_get_their_own_rows()
         await plane.cache.close()
     assert [values(r) for r in responses] == [[2 * i, 2 * i + 0.5] for i in range(8)]
     assert model.calls == [16]  # one prediction over every request's rows
-    assert plane.batcher.stats.batches == 1 and plane.batcher.stats.merged_requests == 8
+    stats = plane.runner.batcher.stats
+    assert stats.batches == 1 and stats.merged_requests == 8
     assert plane.metrics.batched_requests._value.get() == 8
 
 
@@ -183,7 +184,7 @@ async def test_a_rejected_batch_is_retried_per_request_so_only_the_bad_one_fails
         await plane.cache.close()
     assert isinstance(results[3], InvalidArgument)
     assert [values(r) for i, r in enumerate(results) if i != 3] == [[0.0], [2.0], [4.0], [8.0]]
-    assert model.calls == [5, 1, 1, 1, 1, 1] and plane.batcher.stats.fallbacks == 1
+    assert model.calls == [5, 1, 1, 1, 1, 1] and plane.runner.batcher.stats.fallbacks == 1
 
 
 async def test_outputs_that_are_not_one_row_per_input_row_are_never_split():
@@ -198,7 +199,7 @@ async def test_outputs_that_are_not_one_row_per_input_row_are_never_split():
                                            for i in range(4)))
         await plane.cache.close()
     assert [values(r) for r in responses] == [[2.0 * i] for i in range(4)]
-    assert plane.batcher.stats.batches == 0 and plane.batcher.stats.fallbacks == 1
+    assert plane.runner.batcher.stats.batches == 0 and plane.runner.batcher.stats.fallbacks == 1
 
 
 @pytest.mark.parametrize("kw", [{"max_batch_rows": 0}, {}])
@@ -226,6 +227,6 @@ async def test_a_lone_client_stops_waiting_for_company():
         for i in range(10):
             await plane.infer(row_request(float(i)), "m", record)
         await plane.cache.close()
-    traffic = plane.batcher._traffic["m"]
+    traffic = plane.runner.batcher._traffic["m"]
     assert traffic.company < 1.0  # the next batch closes at once instead of waiting
     assert model.calls == [1] * 10
