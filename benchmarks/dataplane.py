@@ -180,6 +180,25 @@ def _ratio(a: dict[str, float], b: dict[str, float], field: str) -> float:
     return round(a[field] / b[field], 3) if b[field] else float("nan")
 
 
+CELL_TARGETS = (  # (ratio prefix, test, wording), checked in every model x concurrency cell
+    ("local_vs_bare_throughput", lambda v: v >= 0.9, "local >= 0.9x bare req/s"),
+    ("local_vs_bare_p50", lambda v: v <= 1.1, "local p50 <= 1.1x bare"),
+    ("local_vs_mlserver_throughput", lambda v: v >= 1.5, "local >= 1.5x MLServer req/s"),
+    ("local_vs_mlserver_p99", lambda v: v < 1.0, "local p99 < MLServer's"),
+    ("forward_vs_local_throughput", lambda v: v >= 0.5, "forwarded >= 0.5x local req/s"),
+)
+
+
+def missed_cells(ratios_: dict[str, float]) -> list[str]:
+    """Every model x concurrency cell where a target is missed, in words."""
+    out = []
+    for prefix, ok, text in CELL_TARGETS:
+        for key, value in sorted(ratios_.items()):
+            if key.startswith(prefix + "_") and not ok(value):
+                out.append(f"{text}: {value:g} at {key[len(prefix) + 1:]}")
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"Medians of {result['rounds']} interleaved runs of {result['seconds_per_run']} s "
              "each; ratios against the mesh's local path in the same round.", "",
@@ -192,6 +211,10 @@ def markdown(result: dict[str, Any]) -> str:
                 lines.append(f"| {kind} | {c} | {name} | {r['requests_per_s']:.0f} | "
                              f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']:.0f} | "
                              f"{r['requests_per_s'] / local:.2f}x |")
+    misses = missed_cells(result.get("ratios") or ratios(result))
+    lines += ["", "Targets checked in every cell (the headline table uses sklearn at "
+              "concurrency 16): " + ("all met." if not misses else "missed in "
+                                     + "; ".join(misses) + ".")]
     return "\n".join(lines)
 
 

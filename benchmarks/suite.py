@@ -183,12 +183,31 @@ def update_readme(report: dict[str, Any]) -> None:
     readme.write_text(head + block + rest.split(README_END, 1)[1])
 
 
+def render(path: Path) -> int:
+    """Rewrite an earlier run's Markdown from its JSON (the figures are not touched)."""
+    report = json.loads(path.read_text())
+    dataplane = report["benchmarks"].get("dataplane")
+    if dataplane is not None:
+        import dataplane as dp
+
+        dataplane["summary"] = dp.markdown(dataplane)
+    path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    path.with_suffix(".md").write_text(markdown(report))
+    if path.stem == "results":
+        update_readme(report)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run in under 3 minutes")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     ap.add_argument("--no-peers", action="store_true", help="leave out MLServer and KServe")
+    ap.add_argument("--render", metavar="RESULTS_JSON",
+                    help="only rewrite the Markdown (and summaries) of an earlier run's JSON")
     args = ap.parse_args()
+    if args.render:
+        return render(Path(args.render))
     names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
