@@ -173,12 +173,26 @@ def update_readme(report: dict[str, Any]) -> None:
     for t in report["targets"]:
         value = "-" if t["value"] is None else f"{t['value']:g}"
         rows.append(f"| {t['target']} | {value} | {t['state']} |")
+    r = report.get("ratios", {})
+    notes = []
+    if "registry_100k_single_rpc_seconds" in r:
+        single = r["registry_100k_single_rpc_seconds"]
+        notes.append("The registry row is the bulk `registerModels` call; one `registerModel` "
+                     f"RPC per model (64 in flight) took {single:.0f} s for 100,000.")
+    dataplane = report.get("benchmarks", {}).get("dataplane")
+    if dataplane is not None:
+        import dataplane as dp
+
+        misses = dp.missed_cells(dataplane.get("ratios", {}))
+        notes.append("Data-plane rows are the scikit-learn model at concurrency 16; over every "
+                     "model and concurrency: " + ("all met." if not misses else
+                                                 "missed in " + "; ".join(misses) + "."))
     block = "\n".join([
         README_START,
         f"From `benchmarks/run` on {report['date'][:10]} (commit {report['commit']}, "
         f"{report['machine']['cpus']} CPUs); every figure in "
-        "[benchmarks/results/results.md](benchmarks/results/results.md).", "", *rows,
-        README_END])
+        "[benchmarks/results/results.md](benchmarks/results/results.md).", "", *rows, "",
+        *notes, README_END])
     head, rest = text.split(README_START, 1)
     readme.write_text(head + block + rest.split(README_END, 1)[1])
 
