@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     Processes,
-    latency_summary,
+    drive,
     machine,
     mesh_stub,
     register_bulk,
@@ -73,35 +73,9 @@ async def drive_zipf(endpoint: str, ids: Sequence[str], picks: Iterator[int], se
     ``picks`` is shared by the callers and carries on across calls, so warm-up and
     measurement walk one Zipf sequence instead of replaying its start.
     """
-    import tritonclient.grpc.aio as tc
-
     x = np.random.default_rng(0).normal(size=(1, 4)).astype(np.float32)
-    inp = tc.InferInput("input-0", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x)
-    client = tc.InferenceServerClient(endpoint)
-    latencies: list[float] = []
-    errors = 0
-    stop_at = time.perf_counter() + seconds
-
-    async def caller() -> None:
-        nonlocal errors
-        while time.perf_counter() < stop_at:
-            model = ids[next(picks)]
-            t0 = time.perf_counter()
-            try:
-                await client.infer(model, [inp])
-            except Exception:  # noqa: BLE001 - counted and reported, never hidden
-                errors += 1
-                continue
-            latencies.append(time.perf_counter() - t0)
-
-    try:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-    finally:
-        await client.close()
-    return {**latency_summary(latencies, elapsed), "errors": errors}
+    return await drive(endpoint, lambda: ids[next(picks)], [("input-0", x)], concurrency,
+                       seconds, warmup=0)
 
 
 def cache_counters(metrics_port: int) -> dict[str, float]:
@@ -153,38 +127,26 @@ def measured_run(endpoint: str, metrics_port: int, ids: Sequence[str], picks: It
     }
 
 
-def churn_case(procs: Processes, workdir: Path, etcd: Any, ids: Sequence[str],
-               files: Sequence[str], capacity: int, order: np.ndarray, warm_s: float,
-               seconds: float) -> dict[str, Any]:
-    """A third fits: drive until the instance evicts, then a little longer, then measure."""
-    proc, endpoint, port = start_mesh(procs, workdir, etcd, "churn", workdir / "models",
-                                      capacity=str(capacity), mesh_name="churn", metrics=True)
+def case(procs: Processes, workdir: Path, etcd: Any, name: str, ids: Sequence[str],
+         files: Sequence[str], capacity: int, order: np.ndarray, warm_s: float,
+         seconds: float) -> dict[str, Any]:
+    """One instance of ``capacity`` bytes: fill it, warm the data path, then measure.
+
+    ``churn`` (a third fits): drive until the instance evicts; ``fitting``: load every
+    model first.
+    """
+    proc, endpoint, port = start_mesh(procs, workdir, etcd, name, workdir / "models",
+                                      capacity=str(capacity), mesh_name=name, metrics=True)
     assert port is not None
     register_bulk(endpoint, [(i, "sklearn", f) for i, f in zip(ids, files, strict=True)])
     picks = itertools.cycle(order.tolist())
     t0 = time.perf_counter()
-    while cache_counters(port)["evictions"] == 0:
+    if name == "fitting":
+        load_all(endpoint, ids)
+    while name == "churn" and cache_counters(port)["evictions"] == 0:
         if time.perf_counter() - t0 > 240:
             raise RuntimeError("the churn instance never filled up: no eviction in 240 s")
         asyncio.run(drive_zipf(endpoint, ids, picks, 2.0))
-    asyncio.run(drive_zipf(endpoint, ids, picks, warm_s))
-    warmup_s = time.perf_counter() - t0
-    out = measured_run(endpoint, port, ids, picks, seconds)
-    procs.stop(proc)
-    return {**out, "capacity_bytes": capacity, "warmup_seconds": warmup_s}
-
-
-def fitting_case(procs: Processes, workdir: Path, etcd: Any, ids: Sequence[str],
-                 files: Sequence[str], capacity: int, order: np.ndarray, warm_s: float,
-                 seconds: float) -> dict[str, Any]:
-    """Everything fits: load every model first, warm the data path, then measure."""
-    proc, endpoint, port = start_mesh(procs, workdir, etcd, "fitting", workdir / "models",
-                                      capacity=str(capacity), mesh_name="fitting", metrics=True)
-    assert port is not None
-    register_bulk(endpoint, [(i, "sklearn", f) for i, f in zip(ids, files, strict=True)])
-    picks = itertools.cycle(order.tolist())
-    t0 = time.perf_counter()
-    load_all(endpoint, ids)
     asyncio.run(drive_zipf(endpoint, ids, picks, warm_s))
     warmup_s = time.perf_counter() - t0
     out = measured_run(endpoint, port, ids, picks, seconds)
@@ -202,8 +164,9 @@ def run(workdir: Path, quick: bool) -> dict:
     order = zipf_order(n, 400_000)
     with Processes() as procs:
         etcd = procs.etcd(workdir / "etcd")
-        churn = churn_case(procs, workdir, etcd, ids, files, total // 3, order, warm_s, seconds)
-        fitting = fitting_case(procs, workdir, etcd, ids, files, int(total * 1.5), order,
+        churn = case(procs, workdir, etcd, "churn", ids, files, total // 3, order, warm_s,
+                     seconds)
+        fitting = case(procs, workdir, etcd, "fitting", ids, files, int(total * 1.5), order,
                                warm_s, seconds)
     held = churn["loaded_at_end"]
     result: dict[str, Any] = {

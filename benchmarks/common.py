@@ -254,15 +254,19 @@ def write_bench_models(root: Path) -> dict[str, BenchModel]:
 # ---------------------------------------------------------------- load
 
 
-async def drive(endpoint: str, model: str, inputs: Sequence[tuple[str, np.ndarray]],
+async def drive(endpoint: str, model: str | Callable[[], str],
+                inputs: Sequence[tuple[str, np.ndarray]],
                 concurrency: int, seconds: float, warmup: int = 50,
                 headers: dict[str, str] | None = None,
                 outputs: Sequence[str] = ()) -> dict[str, float]:
     """Closed-loop load: ``concurrency`` callers, each sends its next request on an answer.
 
     Uses the unmodified tritonclient asyncio client over one channel, as a user would.
+    ``model`` is a model name, or a function choosing the model of each request.
     """
     import tritonclient.grpc.aio as tc
+
+    pick = model if callable(model) else lambda: model
 
     client = tc.InferenceServerClient(endpoint)
     infer_inputs = []
@@ -273,7 +277,7 @@ async def drive(endpoint: str, model: str, inputs: Sequence[tuple[str, np.ndarra
     wanted = [tc.InferRequestedOutput(name) for name in outputs] or None
     try:
         for _ in range(warmup):
-            await client.infer(model, infer_inputs, outputs=wanted, headers=headers)
+            await client.infer(pick(), infer_inputs, outputs=wanted, headers=headers)
         latencies: list[float] = []
         errors = 0
         stop_at = time.perf_counter() + seconds
@@ -281,9 +285,10 @@ async def drive(endpoint: str, model: str, inputs: Sequence[tuple[str, np.ndarra
         async def caller() -> None:
             nonlocal errors
             while time.perf_counter() < stop_at:
+                name = pick()
                 t0 = time.perf_counter()
                 try:
-                    await client.infer(model, infer_inputs, outputs=wanted, headers=headers)
+                    await client.infer(name, infer_inputs, outputs=wanted, headers=headers)
                 except Exception:  # noqa: BLE001 - counted and reported, never hidden
                     errors += 1
                     continue

@@ -30,35 +30,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from dataplane import BARE_SERVER  # noqa: E402 - the floor: the same bare server
+
 from modelmesh.registry.embedded import EmbeddedEtcd, free_port  # noqa: E402
-
-BARE_SERVER = r'''
-import asyncio, sys
-import grpc
-from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc as pb_grpc
-from modelmesh import codec
-from modelmesh.runtimes import get_runtime
-
-model = get_runtime("sklearn").load(__import__("pathlib").Path(sys.argv[2]), "bare")
-
-class Bare(pb_grpc.GRPCInferenceServiceServicer):
-    async def ModelInfer(self, request, context):
-        inputs = codec.decode_inputs(request)
-        outputs = model.predict(inputs, {})
-        resp = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-        codec.encode_outputs(outputs, [o.name for o in request.outputs], resp)
-        return resp
-
-async def main():
-    server = grpc.aio.server()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Bare(), server)
-    server.add_insecure_port(f"127.0.0.1:{sys.argv[1]}")
-    await server.start()
-    print("ready", flush=True)
-    await server.wait_for_termination()
-
-asyncio.run(main())
-'''
 
 
 def wait_port(port: int, timeout: float = 60) -> None:
@@ -179,7 +153,7 @@ def main() -> int:
              "--data-dir", str(tmp / "data"), "--models-root", str(tmp / "models"),
              "--capacity", "1GiB", "--log-level", "WARNING"], cwd=REPO))
         procs.append(subprocess.Popen(
-            [sys.executable, "-c", BARE_SERVER, str(bare_port),
+            [sys.executable, "-c", BARE_SERVER, str(bare_port), "sklearn",
              str(tmp / "models" / sk_path)], cwd=REPO, stdout=subprocess.DEVNULL))
         wait_port(mesh_port)
         wait_port(bare_port)

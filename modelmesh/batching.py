@@ -236,10 +236,6 @@ class PredictionRunner:
         self._typical[model_id] = ns if not typical else (typical * 7 + ns) // 8
         return outputs, ns
 
-    def forget(self, model_id: str) -> None:
-        """Drop what is known of an unloaded model."""
-        self._typical.pop(model_id, None)
-
 
 def _timed(model: LoadedModel, inputs: list[Tensor], params: Parameters,
            requested: Sequence[str]) -> tuple[list[Tensor], int]:

@@ -164,13 +164,9 @@ class Router:
         if here and entry is not None and info.hops < self.max_hops and not info.balanced:
             target = self._shed_target(record, entry)
             if target is not None:
-                try:
-                    return await self._forward(target, method, raw, info, False, model_id)
-                except PeerError as exc:
-                    if exc.reached and REJECT not in exc.trailing:
-                        raise PeerStatus(exc.code, exc.details) from None
-                    if not exc.reached:
-                        self.suspect(target)  # and serve it here after all
+                answer = await self._forward_or_none(target, method, raw, info, model_id)
+                if answer is not None:
+                    return answer  # else serve it here after all
         if here or info.load_here or info.hops >= self.max_hops:
             if not here and self.instance.draining:
                 raise Rejected(f"instance {self.me} is shutting down and loads nothing new")
@@ -264,14 +260,9 @@ class Router:
                 and not live[iid].shutting_down and iid not in self._excluded()
             )
             if holders:
-                holder = holders[0][1]
-                try:
-                    return await self._forward(holder, method, raw, info, False, model_id)
-                except PeerError as exc:
-                    if exc.reached and REJECT not in exc.trailing:
-                        raise PeerStatus(exc.code, exc.details) from None
-                    if not exc.reached:
-                        self.suspect(holder)
+                answer = await self._forward_or_none(holders[0][1], method, raw, info, model_id)
+                if answer is not None:
+                    return answer
         try:
             return await self._local(local, record)
         except MeshError:
@@ -328,6 +319,23 @@ class Router:
             self.outstanding[target] -= 1
             metrics.forwarded.labels(code).inc()
             metrics.forward_ms.observe((time.perf_counter() - start) * 1000)
+
+    async def _forward_or_none(self, target: str, method: str, raw: bytes, info: CallInfo,
+                               model_id: str) -> bytes | None:
+        """Forward to a copy that should serve; None when it could not take the request.
+
+        A peer that answered with an error passes it on to the client; one that could
+        not be reached is left out for a while, and one that refused (shutting down)
+        is not: in both cases the caller falls back to serving the request itself.
+        """
+        try:
+            return await self._forward(target, method, raw, info, False, model_id)
+        except PeerError as exc:
+            if exc.reached and REJECT not in exc.trailing:
+                raise PeerStatus(exc.code, exc.details) from None
+            if not exc.reached:
+                self.suspect(target)
+            return None
 
     def suspect(self, instance_id: str) -> None:
         """Leave an unreachable instance out of decisions for a while."""

@@ -110,23 +110,16 @@ class SklearnModel(LoadedModel):
         self.signature = tabular.signature(self.n_features, "FP64", self._output_specs())
 
     def predict(self, inputs: list[Tensor], parameters: Parameters) -> list[Tensor]:
-        x = tabular.feature_matrix(inputs, self.n_features, self.model_id)
-        try:
-            return self._run(x)
-        except ValueError as exc:  # scikit-learn's input validation (NaN, dtype, ...)
-            raise InvalidArgument(
-                f"model '{self.model_id}' rejected the input: {first_line(exc)}"
-            ) from exc
+        return self.predict_outputs(inputs, parameters, ())
 
     def predict_outputs(self, inputs: list[Tensor], parameters: Parameters,
                         requested: Sequence[str]) -> list[Tensor]:
-        # Labels only: skip the probabilities (about a third of a small model's time).
-        if not self.has_proba or set(requested) != {tabular.PREDICT}:
-            return self.predict(inputs, parameters)
         x = tabular.feature_matrix(inputs, self.n_features, self.model_id)
+        # Labels only: skip the probabilities (about a third of a small model's time).
+        proba = self.has_proba and set(requested) != {tabular.PREDICT}
         try:
-            return [tabular.output(tabular.PREDICT, self.estimator.predict(x))]
-        except ValueError as exc:
+            return self._run(x, proba)
+        except ValueError as exc:  # scikit-learn's input validation (NaN, dtype, ...)
             raise InvalidArgument(
                 f"model '{self.model_id}' rejected the input: {first_line(exc)}"
             ) from exc
@@ -149,9 +142,9 @@ class SklearnModel(LoadedModel):
             specs.append(TensorSpec(tabular.PREDICT_PROBA, "FP64", (-1, len(classes))))
         return tuple(specs)
 
-    def _run(self, x: np.ndarray) -> list[Tensor]:
+    def _run(self, x: np.ndarray, proba: bool = True) -> list[Tensor]:
         outputs = [tabular.output(tabular.PREDICT, self.estimator.predict(x))]
-        if self.has_proba:
+        if proba and self.has_proba:
             outputs.append(tabular.output(tabular.PREDICT_PROBA, self.estimator.predict_proba(x)))
         return outputs
 
