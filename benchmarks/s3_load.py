@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from modelmesh.registry.embedded import free_port  # noqa: E402
-from modelmesh.testing.seaweedfs import SeaweedFS  # noqa: E402
+from tests.support.seaweedfs import SeaweedFS  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 

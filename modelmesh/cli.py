@@ -14,6 +14,13 @@ from collections.abc import Sequence
 
 import grpc
 
+from modelmesh import runtime_server
+from modelmesh._proto.mmesh import mesh_extensions_pb2 as ext
+from modelmesh._proto.mmesh import mesh_extensions_pb2_grpc as ext_grpc
+from modelmesh._proto.mmesh import model_mesh_pb2 as mm
+from modelmesh._proto.mmesh import model_mesh_pb2_grpc as mm_grpc
+from modelmesh.settings import add_arguments, from_sources
+
 DEFAULT_ENDPOINT = "localhost:8033"
 
 
@@ -21,11 +28,13 @@ DEFAULT_ENDPOINT = "localhost:8033"
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Imported here: the mesh (numpy, the model libraries) is heavy for client commands.
     from modelmesh.instance import MeshInstance
-    from modelmesh.settings import from_sources
+    from modelmesh.storage.config import check_source
 
     try:
         settings = from_sources(args)
+        check_source(settings.storage_config)  # its contents, not only that it exists
     except ValueError as exc:
         print(f"modelmesh serve: {exc}", file=sys.stderr)
         return 2
@@ -67,9 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _runtime(args: argparse.Namespace) -> int:
-    from modelmesh.runtime_server import main as runtime_main
-
-    return runtime_main(args)
+    return runtime_server.main(args)
 
 
 # -- client commands -------------------------------------------------------------------
@@ -80,9 +87,8 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
 
 
 def _mesh_stub(args: argparse.Namespace):
-    from modelmesh._proto.mmesh import model_mesh_pb2_grpc
 
-    return model_mesh_pb2_grpc.ModelMeshStub(_channel(args))
+    return mm_grpc.ModelMeshStub(_channel(args))
 
 
 def _fail(exc: grpc.RpcError) -> int:
@@ -97,7 +103,6 @@ def _status_json(info) -> str:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from modelmesh._proto.mmesh import model_mesh_pb2 as mm
 
     if args.from_file:
         return _register_bulk(args)
@@ -128,9 +133,6 @@ def _register(args: argparse.Namespace) -> int:
 def _register_bulk(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from modelmesh._proto.mmesh import mesh_extensions_pb2 as ext
-    from modelmesh._proto.mmesh import mesh_extensions_pb2_grpc as ext_grpc
-    from modelmesh._proto.mmesh import model_mesh_pb2 as mm
 
     rows: list[tuple[str, str, str]] = []
     try:
@@ -180,7 +182,6 @@ def _code(number: int) -> tuple[int, str]:
 
 
 def _unregister(args: argparse.Namespace) -> int:
-    from modelmesh._proto.mmesh import model_mesh_pb2 as mm
 
     try:
         _mesh_stub(args).unregisterModel(mm.UnregisterModelRequest(modelId=args.model_id),
@@ -192,7 +193,6 @@ def _unregister(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from modelmesh._proto.mmesh import model_mesh_pb2 as mm
 
     try:
         info = _mesh_stub(args).getModelStatus(mm.GetStatusRequest(modelId=args.model_id),
@@ -213,8 +213,6 @@ def _status(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
-    from modelmesh._proto.mmesh import mesh_extensions_pb2 as ext
-    from modelmesh._proto.mmesh import mesh_extensions_pb2_grpc as ext_grpc
 
     stub = ext_grpc.ModelMeshExtensionsStub(_channel(args))
     token = ""
@@ -250,7 +248,6 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from modelmesh.settings import add_arguments
 
     parser = argparse.ArgumentParser(prog="modelmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -259,11 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=_serve)
 
-    from modelmesh.runtime_server import add_arguments as add_runtime_arguments
 
     p = sub.add_parser("runtime", help="run the built-in runtime as its own process "
                        "(mmesh.ModelRuntime + V2 inference) for serve --runtime mmesh:...")
-    add_runtime_arguments(p)
+    runtime_server.add_arguments(p)
     p.set_defaults(func=_runtime)
 
     def client(name: str, help: str) -> argparse.ArgumentParser:

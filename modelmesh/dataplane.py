@@ -22,6 +22,7 @@ from modelmesh.errors import InvalidArgument, MeshError, ModelNotFound, Unavaila
 from modelmesh.metrics import Metrics
 from modelmesh.registry.records import ModelRecord
 from modelmesh.registry.store import Registry
+from modelmesh.tensor import ModelSignature
 
 
 @dataclass(slots=True)
@@ -71,6 +72,7 @@ class DataPlane:
         self.runner = PredictionRunner(executor, inline_infer_ms, max_batch_rows,
                                        max_batch_delay_ms, on_batch=self._on_batch)
         self.stats: dict[str, ModelStats] = {}
+        self._rate = (time.monotonic(), 0, 0.0)  # (sampled at, requests served, per second)
 
     # -- names ----------------------------------------------------------------
 
@@ -124,11 +126,8 @@ class DataPlane:
         A model whose runtime takes requests as bytes (a remote runtime) gets them
         untouched; otherwise the request is decoded here.
         """
-        model = None
         entry = self.cache.get(record.model_id)
-        if entry is not None and entry.model is not None:
-            model = entry.model
-        if model is not None and hasattr(model, "infer_raw"):
+        if entry is not None and entry.model is not None and entry.model.passes_bytes:
             return await self._infer_passthrough(raw, record, metadata)
         try:
             request = pb.ModelInferRequest.FromString(raw)
@@ -147,11 +146,14 @@ class DataPlane:
         try:
             entry = await self.acquire(record, stats)
             try:
-                if not hasattr(entry.model, "infer_raw"):  # reloaded by another runtime
+                model = entry.model
+                if model is None:  # unloaded between acquire and now: cannot happen in use
+                    raise Unavailable(f"model '{record.model_id}' was unloaded")
+                if not model.passes_bytes:  # reloaded by another runtime
                     request = pb.ModelInferRequest.FromString(raw)
                     return (await self.infer(request, record.model_id, record)).SerializeToString()
                 compute = time.perf_counter_ns()
-                out: bytes = await entry.model.infer_raw(raw, metadata)  # type: ignore[union-attr]
+                out = await model.infer_raw(raw, metadata)
                 stats.compute_infer.add(time.perf_counter_ns() - compute)
             finally:
                 self.cache.release(entry)
@@ -212,15 +214,26 @@ class DataPlane:
 
     # -- queries ----------------------------------------------------------------
 
+    def request_rate(self) -> float:
+        """Requests per second served here, over the last few seconds."""
+        t, n, rate = self._rate
+        now = time.monotonic()
+        if now - t >= 2.0:
+            served = sum(st.execution_count for st in self.stats.values())
+            rate = (served - n) / (now - t)
+            self._rate = (now, served, rate)
+        return rate
+
     def is_ready(self, model_id: str) -> bool:
         return self.cache.is_loaded(model_id)
 
-    async def signature(self, model_id: str):  # -> ModelSignature
+    async def signature(self, model_id: str) -> tuple[ModelRecord, ModelSignature]:
         """The model's declared inputs and outputs (loads the model if needed)."""
         record = await self.registry.require_model(model_id)
         entry = await self.acquire(record)
         try:
-            assert entry.model is not None
+            if entry.model is None:
+                raise Unavailable(f"model '{record.model_id}' was unloaded")
             return record, entry.model.signature
         finally:
             self.cache.release(entry)

@@ -1,18 +1,25 @@
-"""One mesh instance: wires registry, cache, data plane and servers, and owns their lifetime.
+"""The composition root: builds one mesh instance from ``Settings`` and owns its lifetime.
 
-``start()`` brings everything up in dependency order; ``stop()`` takes it down
-in reverse. Background chores (the registry watch, the lease keep-alive, copy
-and instance publishing) are tasks owned here and cancelled on stop; nothing
-runs unowned.
+Every component is built here and handed only what it uses; none of them sees
+the instance. ``start()`` brings them up in dependency order, ``drain()``
+prepares a stop without failing requests (SIGTERM), ``stop()`` takes
+everything down in reverse. Background tasks (the registry watch, the lease
+keep-alive, record publishers, scaling rounds and what they start) run under
+one ``Supervisor`` and are cancelled on stop; nothing runs unowned.
+
+Wiring, bottom up::
+
+    registry (etcd mirror) -> cache (+ loader: embedded or a runtime server)
+      -> dataplane -> membership -> view -> router -> lifecycle -> scaling
+      -> gRPC servicers (api/)
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import functools
 import logging
 import os
-import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,56 +27,102 @@ from typing import Any
 
 import grpc
 
-from modelmesh import __version__
 from modelmesh._proto.mmesh import mesh_extensions_pb2_grpc as ext_grpc
 from modelmesh._proto.mmesh import model_mesh_pb2_grpc as mm_grpc
-from modelmesh.cache.local import CacheEvent, ModelCache
+from modelmesh.api.inference import InferenceServicer
+from modelmesh.api.management import ExtensionsServicer, ModelMeshServicer
+from modelmesh.cache.local import CacheEvent, EventKind, ModelCache
 from modelmesh.dataplane import DataPlane
+from modelmesh.demo import write_demo_models
 from modelmesh.errors import MeshError, Unavailable
 from modelmesh.lifecycle import ModelLifecycle
+from modelmesh.membership import Membership
 from modelmesh.metrics import Metrics
+from modelmesh.node import Node
 from modelmesh.registry.embedded import EmbeddedEtcd
 from modelmesh.registry.etcd import EtcdClient
-from modelmesh.registry.records import CopyRecord, CopyState, InstanceRecord
-from modelmesh.registry.store import INSTANCES, Change, Registry, now_ms
-from modelmesh.routing.chores import Chores
+from modelmesh.registry.store import Registry
+from modelmesh.routing.peers import PeerPool
 from modelmesh.routing.router import Router
+from modelmesh.runtimes.loader import EmbeddedLoader
 from modelmesh.runtimes.remote import RuntimeBinding, connect_runtime
+from modelmesh.scaling import CopyScaling
 from modelmesh.settings import Settings
-from modelmesh.storage import LocalModelLoader
+from modelmesh.storage import ModelFiles, check_model_location
+from modelmesh.view import MeshView
 from placement import get_policy
 
 log = logging.getLogger(__name__)
 
-_INSTANCE_MIN_GAP_S = 0.02
-_INSTANCE_REFRESH_S = 5.0
+
+class Supervisor:
+    """Owns every background task of an instance: started by ``spawn``, ended by ``close``."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str = "") -> asyncio.Task[Any]:
+        """Run ``coro`` as a task owned here; a failure is logged with its traceback."""
+        task = asyncio.get_running_loop().create_task(coro, name=name or None)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def close(self) -> None:
+        """Cancel every task and wait for them to end."""
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _observe(metrics: Metrics, cache: ModelCache, ev: CacheEvent) -> None:
+    """The cache's events as metrics."""
+    if ev.kind is EventKind.LOADED:
+        metrics.load_model_ms.observe(ev.load_ms)
+        metrics.model_size_bytes.observe(ev.size_bytes)
+    elif ev.kind is EventKind.FAILED:
+        metrics.load_failures.inc()
+    elif ev.kind is EventKind.UNLOADED:
+        metrics.unloads.labels(ev.reason).inc()
+    metrics.used_bytes.set(cache.used_bytes)
+    metrics.models_total.set(cache.loaded_count)
 
 
 class MeshInstance:
-    """A mesh instance. Use ``await start()`` then ``await stop()`` (or ``run_until``)."""
+    """A mesh instance. Use ``await start()`` then ``await stop()``."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.ready = False
+        self.node = Node()
         self.port = 0
         self.metrics_port = 0
-        self.instance_id = ""
         self.metrics = Metrics()
+        self.supervisor = Supervisor()
         self.embedded_etcd: EmbeddedEtcd | None = None
         self.runtime: RuntimeBinding | None = None  # a runtime server (--runtime), if any
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._lease = 0
-        self._copies: dict[str, CopyRecord | None] = {}  # desired copy records, by model
-        self._dirty: set[str] = set()
-        self._publish = asyncio.Event()
-        self._instance_dirty = asyncio.Event()
+        self.client: EtcdClient | None = None
+        self.cache: ModelCache | None = None
+        self.router: Router | None = None
+        self.executor: ThreadPoolExecutor | None = None
         self._server: grpc.aio.Server | None = None
-        self._stopping = False
-        self.draining = False
-        self._started_ms = now_ms()
-        self._rate = (time.monotonic(), 0, 0.0)  # (sampled at, requests served, per second)
+        self._membership: Membership | None = None
 
-    # -- lifecycle ------------------------------------------------------------------
+    @property
+    def instance_id(self) -> str:
+        return self.node.instance_id
+
+    @property
+    def ready(self) -> bool:
+        return self.node.ready
+
+    # -- start ----------------------------------------------------------------------
 
     async def start(self) -> None:
         s = self.settings
@@ -85,325 +138,151 @@ class MeshInstance:
 
     async def _start(self, endpoints: list[str]) -> None:
         s = self.settings
-        self.client = EtcdClient(endpoints, timeout=10.0)
-        self.registry = Registry(self.client, s.etcd_prefix)
+        node, metrics, spawn = self.node, self.metrics, self.supervisor.spawn
+
+        self.client = client = EtcdClient(endpoints, timeout=10.0)
+        registry = Registry(client, s.etcd_prefix)
         try:
-            revision = await self.registry.load()
+            revision = await registry.load()
         except Unavailable as exc:
             raise RuntimeError(f"cannot reach etcd at {','.join(endpoints)}: {exc}") from exc
-        self.spawn(self.registry.run_watch(revision), name="registry-watch")
+        spawn(registry.run_watch(revision), "registry-watch")
 
-        threads = s.inference_threads or 2 * (os.cpu_count() or 1)
-        self.concurrency = threads
-        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mm-infer")
-        name, params = s.placement
-        files = LocalModelLoader.from_settings(s, self.metrics)
+        node.concurrency = s.inference_threads or 2 * (os.cpu_count() or 1)
+        self.executor = ThreadPoolExecutor(max_workers=node.concurrency,
+                                           thread_name_prefix="mm-infer")
+        loader = EmbeddedLoader(ModelFiles.from_settings(s, metrics))
         if s.runtime != "embedded":  # models run in a runtime server, within its limits
-            self.runtime = await asyncio.to_thread(connect_runtime, s, files)
+            self.runtime = await asyncio.to_thread(connect_runtime, s, loader)
             s = self.settings = self.runtime.apply(s)
-        self.cache = ModelCache(
-            s.capacity, self.runtime.loader if self.runtime is not None else files,
+        name, params = s.placement
+        policy = get_policy(name, **params)
+        membership: Membership | None = None
+
+        def on_cache_event(ev: CacheEvent) -> None:
+            _observe(metrics, cache, ev)
+            if membership is not None:
+                membership.on_cache_event(ev)
+
+        self.cache = cache = ModelCache(
+            s.capacity, self.runtime.loader if self.runtime is not None else loader,
             max_concurrent_loads=s.max_concurrent_loads, failure_ttl=s.load_failure_ttl,
-            space_wait=s.load_timeout, on_event=self._on_cache_event,
-            policy=get_policy(name, **params),
+            space_wait=s.load_timeout, on_event=on_cache_event, policy=policy,
         )
-        self.dataplane = DataPlane(self.registry, self.cache, self.metrics, self.executor,
-                                   s.load_timeout, inline_infer_ms=s.inline_infer_ms,
-                                   max_batch_rows=s.max_batch_rows,
-                                   max_batch_delay_ms=s.max_batch_delay_ms)
-        self.router = Router(self)
-        self.lifecycle = ModelLifecycle(self)
-        self.chores = Chores(self)
-        self.registry.add_listener(self._on_registry_change)
-        self.metrics.capacity_bytes.set(s.capacity)
+        dataplane = DataPlane(registry, cache, metrics, self.executor, s.load_timeout,
+                              inline_infer_ms=s.inline_infer_ms, max_batch_rows=s.max_batch_rows,
+                              max_batch_delay_ms=s.max_batch_delay_ms)
+        self._membership = membership = Membership(
+            node, registry, client, cache, metrics, spawn, lease_ttl=s.lease_ttl,
+            loading_slots=s.max_concurrent_loads, labels=s.labels,
+            request_rate=dataplane.request_rate)
+        view = MeshView(registry, cache, dataplane, node, loading_slots=s.max_concurrent_loads,
+                        labels=s.labels)
+        self.router = router = Router(node, registry, cache, dataplane, view, policy,
+                                      PeerPool(s.max_message_bytes), metrics, spawn,
+                                      max_hops=s.max_hops)
+        self.lifecycle = lifecycle = ModelLifecycle(
+            node, registry, cache, view, router, spawn,
+            check_location=functools.partial(check_model_location, s),
+            load_timeout=s.load_timeout)
+        self.scaling = scaling = CopyScaling(
+            node, registry, cache, view, policy, router, lifecycle, membership, metrics, spawn,
+            interval=s.rebalance_interval, load_failure_ttl=s.load_failure_ttl)
+        registry.add_listener(lifecycle.on_registry_change)
+        registry.add_listener(router.on_registry_change)
+        metrics.capacity_bytes.set(s.capacity)
+        self.registry, self.dataplane, self.view = registry, dataplane, view
 
-        await self._start_server()
-        self.instance_id = s.resolved_instance_id(self.port)
-        self._lease = await self.client.lease_grant(max(int(s.lease_ttl), 2))
-        await self._put_instance()
-        self.spawn(self._keepalive(), name="lease-keepalive")
-        self.spawn(self._publish_copies(), name="copy-publisher")
-        self.spawn(self._refresh_instance(), name="instance-refresh")
-        self.spawn(self.chores.run(), name="chores")
+        self._server = await self._serve(InferenceServicer(
+            node, registry, cache, dataplane, router, lifecycle, view, metrics),
+            ModelMeshServicer(node, lifecycle, metrics),
+            ExtensionsServicer(node, registry, lifecycle, metrics))
+        node.instance_id = s.resolved_instance_id(self.port)
+        await membership.start(s.advertise or f"127.0.0.1:{self.port}")
+        spawn(scaling.run(), "scaling")
         if s.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(s.metrics_port)
+            self.metrics_port = metrics.serve(s.metrics_port)
         if s.demo:
-            await self._register_demo_models()
-        self.ready = True
+            await self._register_demo_models(lifecycle)
+        node.ready = True
         log.info("instance %s serving on port %d (etcd %s, capacity %d bytes)",
-                 self.instance_id, self.port, ",".join(endpoints), s.capacity)
+                 node.instance_id, self.port, ",".join(endpoints), s.capacity)
 
-    async def _start_server(self) -> None:
-        from modelmesh.api.inference import InferenceServicer
-        from modelmesh.api.management import ExtensionsServicer, ModelMeshServicer
-
+    async def _serve(self, inference: InferenceServicer, management: ModelMeshServicer,
+                     extensions: ExtensionsServicer) -> grpc.aio.Server:
         s = self.settings
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ])
-        service, handlers = InferenceServicer(self).generic_handler()
+        service, handlers = inference.generic_handler()
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
         server.add_registered_method_handlers(service, handlers)
-        mm_grpc.add_ModelMeshServicer_to_server(ModelMeshServicer(self), server)
-        ext_grpc.add_ModelMeshExtensionsServicer_to_server(ExtensionsServicer(self), server)
+        mm_grpc.add_ModelMeshServicer_to_server(management, server)
+        ext_grpc.add_ModelMeshExtensionsServicer_to_server(extensions, server)
         self.port = server.add_insecure_port(f"{s.host}:{s.port}")
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {s.host}:{s.port}")
         await server.start()
-        self._server = server
+        return server
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Stop serving, finish in-flight requests (up to ``grace``), release everything."""
-        if self._stopping:
-            return
-        self._stopping = True
-        self.ready = False
-        if self._server is not None:
-            await self._server.stop(grace)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if hasattr(self, "router"):
-            await self.router.close()
-        if hasattr(self, "cache"):
-            await self.cache.close()
-        if self.runtime is not None:
-            await self.runtime.close()
-        if self._lease:
-            try:  # drops our record and copies at once (else they expire with the lease)
-                await asyncio.wait_for(self.client.lease_revoke(self._lease), 3.0)
-            except (MeshError, TimeoutError) as exc:
-                log.warning("could not revoke lease on shutdown: %s", exc or "timed out")
-        if hasattr(self, "client"):
-            await self.client.close()
-        if hasattr(self, "executor"):
-            self.executor.shutdown(wait=False, cancel_futures=True)
-        self.metrics.stop()
-        if self.embedded_etcd is not None:
-            await asyncio.to_thread(self.embedded_etcd.stop)
-        log.info("instance %s stopped", self.instance_id)
+    async def _register_demo_models(self, lifecycle: ModelLifecycle) -> None:
+        models = await asyncio.to_thread(write_demo_models, Path(self.settings.models_root))
+        for m in models:
+            record = lifecycle.new_record(m.model_id, m.model_type, str(m.path))
+            await lifecycle.register(record, replace=True, load_now=True)
+        log.info("demo models registered: %s", ", ".join(m.model_id for m in models))
+
+    # -- drain and stop ---------------------------------------------------------------
 
     async def drain(self) -> None:
         """Prepare to stop without failing requests (SIGTERM).
 
         Marks this instance shutting down (others stop routing and placing here),
-        refuses new loads, asks placement where each recently used model that has
-        no other copy should go and has it loaded there, and waits (at most
-        ``--drain-timeout``) for those loads. Requests keep being served here
+        refuses new loads, has each recently used model that has no other copy
+        loaded where placement says (``CopyScaling.evacuate``), and waits at most
+        ``--drain-timeout`` for those loads. Requests keep being served here
         meanwhile; ``stop()`` then finishes the ones in flight.
         """
-        if self.draining or not self.ready:
+        node = self.node
+        if node.draining or not node.ready or self.cache is None or self._membership is None:
             return
-        self.draining = True
+        node.draining = True
         self.cache.refuse_loads = "this instance is shutting down"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_timeout
         try:
-            await asyncio.wait_for(self._put_instance(), 2.0)
+            await asyncio.wait_for(self._membership.publish_instance(), 2.0)
         except (TimeoutError, MeshError) as exc:
             log.warning("could not publish shutting-down state: %s", exc)
-        recent = time.time() - 3600
-        entries = sorted(
-            (e for e in self.cache.entries() if e.state.value == "LOADED"),
-            key=lambda e: e.priority, reverse=True,
-        )
-        cluster = self.router.cluster_snapshot()
-        moves = []
-        for entry in entries:
-            usage = self.cache.usage.get(entry.model_id)
-            record = self.registry.models.get(entry.model_id)
-            if record is None or usage is None or (usage.last_used or 0) < recent:
-                continue
-            live = self.registry.instances
-            elsewhere = [iid for iid, c in self.registry.copies.get(entry.model_id, {}).items()
-                         if iid != self.instance_id and iid in live
-                         and not live[iid].shutting_down and c.state is not CopyState.FAILED]
-            if elsewhere:
-                continue
-            model = self.router.model_snapshot(record)
-            target = self.router.policy.place(model, cluster, frozenset({self.instance_id}))
-            if target is None:
-                continue
-            moves.append(self.spawn(
-                self.router.load_on(target, entry.model_id, sync=True,
-                                    timeout=max(deadline - loop.time(), 0.1)),
-                name=f"drain:{entry.model_id}"))
-        if moves:
-            log.info("draining: moving %d model(s) to other instances", len(moves))
-            await asyncio.wait(moves, timeout=max(deadline - loop.time(), 0.1))
+        await self.scaling.evacuate(deadline)
         # Give the other instances' mirrors a moment to see the new copies.
         await asyncio.sleep(min(0.5, max(deadline - loop.time(), 0)))
 
-    def request_rate(self) -> float:
-        """Requests per second served here, over the last few seconds."""
-        t, n, rate = self._rate
-        now = time.monotonic()
-        served = sum(st.execution_count for st in self.dataplane.stats.values())
-        if now - t >= 2.0:
-            rate = (served - n) / (now - t)
-            self._rate = (now, served, rate)
-        return rate
-
-    @property
-    def lease(self) -> int:
-        return self._lease
-
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str = "") -> asyncio.Task[Any]:
-        """Run a background task owned by this instance (cancelled on stop)."""
-        task = asyncio.get_running_loop().create_task(coro, name=name or None)
-        self._tasks.add(task)
-
-        def done(t: asyncio.Task[Any]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("background task %s failed", t.get_name(), exc_info=t.exception())
-
-        task.add_done_callback(done)
-        return task
-
-    # -- publishing state to etcd -----------------------------------------------------
-
-    def _on_cache_event(self, ev: CacheEvent) -> None:
-        m = self.metrics
-        if ev.kind == "loading":
-            rec: CopyRecord | None = CopyRecord(ev.model_id, self.instance_id, CopyState.LOADING,
-                                                updated_ms=now_ms())
-        elif ev.kind == "loaded":
-            m.load_model_ms.observe(ev.load_ms)
-            m.model_size_bytes.observe(ev.size_bytes)
-            rec = CopyRecord(ev.model_id, self.instance_id, CopyState.LOADED, ev.size_bytes,
-                             int(ev.load_ms), updated_ms=now_ms())
-            known = self.registry.models.get(ev.model_id)
-            if known is not None and abs(known.size_estimate - ev.size_bytes) > \
-                    0.1 * ev.size_bytes:
-                self.spawn(self._record_use(ev.model_id, 0, 0.0, ev.size_bytes))
-        elif ev.kind == "failed":
-            m.load_failures.inc()
-            rec = CopyRecord(ev.model_id, self.instance_id, CopyState.FAILED, error=ev.error,
-                             updated_ms=now_ms())
-        else:
-            m.unloads.labels(ev.reason).inc()
-            rec = None
-            usage = self.cache.usage.get(ev.model_id)
-            if ev.reason == "evicted" and usage is not None and usage.last_used:
-                self.spawn(self._record_use(ev.model_id, usage.last_used, usage.rate))
-        m.used_bytes.set(self.cache.used_bytes)
-        m.models_total.set(self.cache.loaded_count)
-        self._copies[ev.model_id] = rec
-        self._dirty.add(ev.model_id)
-        self._publish.set()
-        self._instance_dirty.set()
-
-    async def _record_use(self, model_id: str, last_used: float, rate: float,
-                          size: int = 0) -> None:
-        try:
-            await self.registry.record_use(model_id, int(last_used * 1000), rate, size)
-        except MeshError as exc:
-            log.debug("could not record use of %s: %s", model_id, exc)
-
-    def republish_copy(self, model_id: str, request_rate: float) -> None:
-        """Publish the copy record again with a new request rate."""
-        rec = self._copies.get(model_id)
-        if rec is None:
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop serving, finish in-flight requests (up to ``grace``), release everything."""
+        node = self.node
+        if node.stopping:
             return
-        self._copies[model_id] = dataclasses.replace(rec, request_rate=round(request_rate, 3))
-        self._dirty.add(model_id)
-        self._publish.set()
-
-    def _on_registry_change(self, change: Change) -> None:
-        if change.table == INSTANCES and change.new is None and change.old is not None:
-            if change.key != self.instance_id:
-                self.spawn(self.router.peers.forget(change.old.endpoint), name="peer-forget")
-
-    async def _publish_copies(self) -> None:
-        while True:
-            await self._publish.wait()
-            self._publish.clear()
-            while self._dirty:
-                model_id = self._dirty.pop()
-                rec = self._copies.get(model_id)
-                try:
-                    if rec is None:
-                        self._copies.pop(model_id, None)
-                        await self.registry.delete_copy(model_id, self.instance_id)
-                    else:
-                        await self.registry.put_copy(rec, self._lease)
-                except Unavailable:
-                    self._dirty.add(model_id)
-                    await asyncio.sleep(0.5)
-
-    def instance_record(self) -> InstanceRecord:
-        mem = self.cache.memory()
-        return InstanceRecord(
-            instance_id=self.instance_id,
-            endpoint=self.settings.advertise or f"127.0.0.1:{self.port}",
-            capacity_bytes=self.cache.capacity_bytes, used_bytes=self.cache.used_bytes,
-            model_count=self.cache.loaded_count, loading_count=self.cache.loading_count,
-            loading_slots=self.settings.max_concurrent_loads, concurrency=self.concurrency,
-            pinned_bytes=mem.pinned_bytes,
-            min_priority=round(mem.min_priority, 6) if mem.min_priority is not None else None,
-            lru_time_ms=int(mem.lru_time * 1000) if mem.lru_time else 0,
-            requests_per_minute=round(self.request_rate() * 60, 1),
-            in_flight=self.router.outstanding[self.instance_id],
-            labels=self.settings.labels, shutting_down=self.draining or self._stopping,
-            version=__version__, started_ms=self._started_ms,
-        )
-
-    async def _put_instance(self) -> None:
-        await self.registry.put_instance(self.instance_record(), self._lease)
-
-    async def _refresh_instance(self) -> None:
-        last: InstanceRecord | None = None
-        while True:
-            try:
-                await asyncio.wait_for(self._instance_dirty.wait(), _INSTANCE_REFRESH_S)
-            except TimeoutError:
-                pass
-            self._instance_dirty.clear()
-            rec = self.instance_record()
-            self.metrics.registered_models.set(len(self.registry.models))
-            lru = self.cache.lru_time()
-            self.metrics.lru_age_seconds.set(time.monotonic() - lru if lru else 0)
-            if last is not None and rec == last:
-                continue
-            try:
-                await self.registry.put_instance(rec, self._lease)
-                last = rec
-            except Unavailable:
-                await asyncio.sleep(1.0)
-            # Under churn every load and eviction marks the record dirty: coalesce
-            # bursts, but briefly, since placement elsewhere reads used bytes from it.
-            await asyncio.sleep(_INSTANCE_MIN_GAP_S)
-
-    async def _keepalive(self) -> None:
-        """Keep the lease alive; after losing it (etcd down too long) re-create and republish."""
-        interval = max(self.settings.lease_ttl / 3, 0.5)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                ttl = await self.client.lease_keepalive_once(self._lease)
-                if ttl > 0:
-                    continue
-                log.warning("etcd lease %x expired; re-registering this instance", self._lease)
-                self._lease = await self.client.lease_grant(max(int(self.settings.lease_ttl), 2))
-                await self._put_instance()
-                for model_id in list(self._copies):
-                    self._dirty.add(model_id)
-                self._publish.set()
-            except Unavailable as exc:
-                log.debug("lease keep-alive: %s", exc)
-
-    # -- demo -------------------------------------------------------------------------
-
-    async def _register_demo_models(self) -> None:
-        from modelmesh.demo import write_demo_models
-
-        root = Path(self.settings.models_root)
-        models = await asyncio.to_thread(write_demo_models, root)
-        for m in models:
-            record = self.lifecycle.new_record(m.model_id, m.model_type, str(m.path))
-            await self.lifecycle.register(record, replace=True, load_now=True)
-        log.info("demo models registered: %s", ", ".join(m.model_id for m in models))
+        node.stopping = True
+        node.ready = False
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.supervisor.close()
+        if self.router is not None:
+            await self.router.close()
+        if self.cache is not None:
+            await self.cache.close()
+        if self.runtime is not None:
+            await self.runtime.close()
+        if self._membership is not None:
+            await self._membership.leave()
+        if self.client is not None:
+            await self.client.close()
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        self.metrics.stop()
+        if self.embedded_etcd is not None:
+            await asyncio.to_thread(self.embedded_etcd.stop)
+        log.info("instance %s stopped", node.instance_id)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from modelmesh.cache.local import ModelCache, UnloadReason
 from modelmesh.errors import (
     InvalidArgument,
     MeshError,
@@ -18,57 +20,55 @@ from modelmesh.errors import (
     Rejected,
     VModelNotFound,
 )
+from modelmesh.node import Node, Spawn
 from modelmesh.registry.records import (
     CopyState,
     ModelRecord,
     VModelRecord,
     VModelState,
 )
-from modelmesh.registry.store import Change, now_ms, validate_id
+from modelmesh.registry.store import COPIES, MODELS, Change, Registry, now_ms, validate_id
 from modelmesh.runtimes import MODEL_TYPES
-from modelmesh.storage import check_model_location
-
-if TYPE_CHECKING:
-    from modelmesh.instance import MeshInstance
+from modelmesh.view import MeshView, ModelStatus, Status
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class CopyStatus:
-    instance_id: str
-    state: str  # LOADING | LOADED | LOADING_FAILED
-    time_ms: int
+class CopyPlacer(Protocol):
+    """Where a model's next copy goes, and asking an instance to load one (the router)."""
 
+    def choose(self, record: ModelRecord) -> tuple[str | None, bool]: ...
 
-@dataclass(frozen=True, slots=True)
-class ModelStatus:
-    """ModelMesh's ModelStatusInfo in domain terms."""
-
-    status: str  # NOT_FOUND | NOT_LOADED | LOADING | LOADED | LOADING_FAILED
-    errors: tuple[str, ...] = ()
-    copies: tuple[CopyStatus, ...] = ()
+    async def load_on(self, target: str, model_id: str, sync: bool = False,
+                      timeout: float | None = None) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
 class VModelStatus:
-    status: str  # NOT_FOUND | DEFINED | TRANSITIONING | TRANSITION_FAILED
+    """ModelMesh's VModelStatusInfo in domain terms (``state`` None: no such vmodel)."""
+
+    state: VModelState | None
     active_model: str = ""
     target_model: str = ""
     owner: str = ""
-    active_status: ModelStatus = field(default_factory=lambda: ModelStatus("NOT_FOUND"))
-    target_status: ModelStatus = field(default_factory=lambda: ModelStatus("NOT_FOUND"))
-
-
-_COPY_STATE = {CopyState.LOADING: "LOADING", CopyState.LOADED: "LOADED",
-               CopyState.FAILED: "LOADING_FAILED"}
+    active_status: ModelStatus = field(default_factory=lambda: ModelStatus(Status.NOT_FOUND))
+    target_status: ModelStatus = field(default_factory=lambda: ModelStatus(Status.NOT_FOUND))
 
 
 class ModelLifecycle:
-    def __init__(self, instance: MeshInstance) -> None:
-        self.instance = instance
-        self.registry = instance.registry
-        instance.registry.add_listener(self._on_change)
+    """Registrations and vmodels; ``on_registry_change`` is to be a registry listener."""
+
+    def __init__(self, node: Node, registry: Registry, cache: ModelCache, view: MeshView,
+                 placer: CopyPlacer, spawn: Spawn, *,
+                 check_location: Callable[[str, str], None], load_timeout: float) -> None:
+        self.node = node
+        self.registry = registry
+        self.cache = cache
+        self.view = view
+        self.placer = placer
+        self.spawn = spawn
+        self.check_location = check_location
+        self.load_timeout = load_timeout
 
     # -- models ---------------------------------------------------------------------
 
@@ -93,7 +93,7 @@ class ModelLifecycle:
                 f"model '{model_id}': unknown model type '{model_type}' "
                 f"(known: {', '.join(sorted(MODEL_TYPES))})"
             )
-        check_model_location(self.instance.settings, path, key)  # refuses escapes
+        self.check_location(path, key)  # refuses escapes
         return ModelRecord(model_id=model_id, model_type=model_type, path=path,
                            storage_key=key, created_ms=now_ms(), auto_delete=auto_delete,
                            min_copies=min_copies, max_copies=max_copies)
@@ -101,9 +101,9 @@ class ModelLifecycle:
     async def register(self, record: ModelRecord, *, replace: bool = False,
                        load_now: bool = False, sync: bool = False) -> ModelStatus:
         before = self.registry.models.get(record.model_id)
-        stored = await self.registry.register_model(record, replace=replace)
+        stored = await self.registry.register_model(record, replace_existing=replace)
         if before is not None and not before.same_definition(stored):
-            self.instance.cache.unload(record.model_id, reason="replaced")
+            self.cache.unload(record.model_id, reason=UnloadReason.REPLACED)
         log.info("model registered: %s (%s, %s)", record.model_id, record.model_type,
                  record.path)
         if load_now:
@@ -119,7 +119,7 @@ class ModelLifecycle:
             )
         if not await self.registry.unregister_model(model_id):
             raise ModelNotFound(model_id)
-        self.instance.cache.unload(model_id, reason="unregistered")
+        self.cache.unload(model_id, reason=UnloadReason.UNREGISTERED)
         log.info("model unregistered: %s", model_id)
 
     async def ensure_loaded(self, model_id: str, sync: bool = False,
@@ -131,25 +131,25 @@ class ModelLifecycle:
         ``sync`` the call returns once the load has finished (or failed).
         """
         record = await self.registry.require_model(model_id)
-        router = self.instance.router
+        me = self.node.instance_id
         if here:
-            if self.instance.draining and self.instance.cache.get(model_id) is None:
-                raise Rejected(f"instance {self.instance.instance_id} is shutting down")
+            if self.node.draining and self.cache.get(model_id) is None:
+                raise Rejected(f"instance {me} is shutting down")
             try:
-                await router.load_on(router.me, model_id, sync=sync)
+                await self.placer.load_on(me, model_id, sync=sync)
             except MeshError:
                 if not sync:
                     raise
             return self.status(model_id)
         status = self.status(model_id)
-        live = self._live_states(model_id)
-        if "LOADED" in live or ("LOADING" in live and not sync):
+        live = set(self.view.copy_states(model_id).values())
+        if CopyState.LOADED in live or (CopyState.LOADING in live and not sync):
             return status
-        if "LOADING" not in live:
-            target, _ = router.choose(record)
+        if CopyState.LOADING not in live:
+            target, _ = self.placer.choose(record)
             try:
-                await router.load_on(target or router.me, model_id, sync=sync,
-                                     timeout=self.instance.settings.load_timeout)
+                await self.placer.load_on(target or me, model_id, sync=sync,
+                                          timeout=self.load_timeout)
             except MeshError:
                 if not sync:
                     raise
@@ -157,56 +157,19 @@ class ModelLifecycle:
             await self._wait_loaded(model_id)
         return self.status(model_id)
 
-    def _live_states(self, model_id: str) -> set[str]:
-        """Copy states of ``model_id`` on live instances that are not shutting down."""
-        live = self.registry.instances
-        me = self.instance.instance_id
-        states = {_COPY_STATE[c.state] for iid, c in self.registry.copies.get(model_id, {}).items()
-                  if iid != me and iid in live and not live[iid].shutting_down}
-        entry = self.instance.cache.get(model_id)
-        if entry is not None and not self.instance.draining:
-            states.add({"LOADING": "LOADING", "LOADED": "LOADED",
-                        "FAILED": "LOADING_FAILED"}[entry.state.value])
-        return states
-
     async def _wait_loaded(self, model_id: str) -> None:
         """Wait (bounded by the load timeout) until no live copy is LOADING any more."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.instance.settings.load_timeout
+        deadline = loop.time() + self.load_timeout
         while loop.time() < deadline:
-            states = self._live_states(model_id)
-            if "LOADED" in states or "LOADING" not in states:
+            states = set(self.view.copy_states(model_id).values())
+            if CopyState.LOADED in states or CopyState.LOADING not in states:
                 return
             await asyncio.sleep(0.05)
 
     def status(self, model_id: str) -> ModelStatus:
-        """The model's status across the mesh (local cache state is the freshest)."""
-        if model_id not in self.registry.models:
-            return ModelStatus("NOT_FOUND")
-        copies: dict[str, CopyStatus] = {}
-        errors: list[str] = []
-        for inst, c in self.registry.copies.get(model_id, {}).items():
-            copies[inst] = CopyStatus(inst, _COPY_STATE[c.state], c.updated_ms)
-            if c.state is CopyState.FAILED and c.error:
-                errors.append(c.error)
-        me = self.instance.instance_id
-        entry = self.instance.cache.get(model_id)
-        if entry is not None:
-            state = {"LOADING": "LOADING", "LOADED": "LOADED", "FAILED": "LOADING_FAILED"}[
-                entry.state.value]
-            copies[me] = CopyStatus(me, state, now_ms())
-            if state == "LOADING_FAILED" and entry.error not in errors:
-                errors.insert(0, entry.error)
-        else:
-            copies.pop(me, None)
-        states = {c.state for c in copies.values()}
-        for candidate in ("LOADED", "LOADING", "LOADING_FAILED"):
-            if candidate in states:
-                status = candidate
-                break
-        else:
-            status = "NOT_LOADED"
-        return ModelStatus(status, tuple(errors), tuple(copies.values()))
+        """The model's status across the mesh (``MeshView.model_status``)."""
+        return self.view.model_status(model_id)
 
     # -- vmodels --------------------------------------------------------------------
 
@@ -247,7 +210,7 @@ class ModelLifecycle:
                     new = old
                 else:
                     switch_now = force or target_model == old.active_model or \
-                        self.status(target_model).status == "LOADED"
+                        self.status(target_model).status is Status.LOADED
                     new = VModelRecord(
                         vmodel_id,
                         active_model=target_model if switch_now else old.active_model,
@@ -298,9 +261,9 @@ class ModelLifecycle:
     def vmodel_status(self, vmodel_id: str) -> VModelStatus:
         vm = self.registry.vmodels.get(vmodel_id)
         if vm is None:
-            return VModelStatus("NOT_FOUND")
+            return VModelStatus(None)
         return VModelStatus(
-            vm.state.value, vm.active_model, vm.target_model, vm.owner,
+            vm.state, vm.active_model, vm.target_model, vm.owner,
             self.status(vm.active_model), self.status(vm.target_model),
         )
 
@@ -313,25 +276,25 @@ class ModelLifecycle:
             if any(True for _ in self.registry.vmodels_referencing(model_id)):
                 continue
             if await self.registry.unregister_model(model_id):
-                self.instance.cache.unload(model_id, reason="unregistered")
+                self.cache.unload(model_id, reason=UnloadReason.UNREGISTERED)
                 log.info("auto-deleted model %s (no vmodel uses it)", model_id)
 
     # -- transitions ----------------------------------------------------------------
 
-    def _on_change(self, change: Change) -> None:
+    def on_registry_change(self, change: Change) -> None:
         """Registry listener: model deletions unload; loaded targets complete transitions."""
-        if change.table == "models" and change.new is None:
-            self.instance.cache.unload(change.key, reason="unregistered")
-        elif change.table == "models" and change.old is not None and change.new is not None \
+        if change.table == MODELS and change.new is None:
+            self.cache.unload(change.key, reason=UnloadReason.UNREGISTERED)
+        elif change.table == MODELS and change.old is not None and change.new is not None \
                 and not change.old.same_definition(change.new):
-            self.instance.cache.unload(change.key, reason="replaced")
-        elif change.table == "copies" and change.new is not None:
+            self.cache.unload(change.key, reason=UnloadReason.REPLACED)
+        elif change.table == COPIES and change.new is not None:
             # The instance holding the copy completes the transition at once; the
-            # leader's periodic chores are the backstop (see routing/chores.py).
+            # leader's periodic chores are the backstop (see modelmesh/scaling.py).
             model_id, _, holder = change.key.rpartition("/")
-            if holder == self.instance.instance_id and \
+            if holder == self.node.instance_id and \
                     change.new.state in (CopyState.LOADED, CopyState.FAILED):
-                self.instance.spawn(self.advance_transitions(model_id))
+                self.spawn(self.advance_transitions(model_id), f"transition:{model_id}")
 
     async def advance_transitions(self, model_id: str) -> None:
         """Switch vmodels whose target ``model_id`` is now loaded (or mark them failed)."""
@@ -345,11 +308,11 @@ class ModelLifecycle:
             fresh, rev = current
             if fresh.target_model != model_id or fresh.state is not VModelState.TRANSITIONING:
                 continue
-            if status.status == "LOADED":
+            if status.status is Status.LOADED:
                 new = VModelRecord(fresh.vmodel_id, active_model=model_id,
                                    target_model=model_id, owner=fresh.owner,
                                    updated_ms=now_ms())
-            elif status.status == "LOADING_FAILED":
+            elif status.status is Status.LOADING_FAILED:
                 new = VModelRecord(fresh.vmodel_id, active_model=fresh.active_model,
                                    target_model=model_id, owner=fresh.owner,
                                    state=VModelState.TRANSITION_FAILED,

@@ -1,5 +1,8 @@
 """One settings object for a mesh instance, from flags and ``MM_*`` environment variables.
 
+A leaf: it imports nothing of the mesh but ``units`` (and placement's policy
+names, to check ``--placement``), so every layer can take its settings.
+
 ``OPTIONS`` is the single table of every setting: the CLI builds its flags from
 it and the README's configuration table is generated from it
 (``python -m modelmesh.settings``). A flag wins over its environment variable,
@@ -9,6 +12,7 @@ which wins over the default.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from modelmesh.units import parse_bytes, parse_duration
+from placement import get_policy
 
 
 def _bool(text: str | bool) -> bool:
@@ -62,24 +67,72 @@ def _placement(text: str | tuple[str, dict[str, Any]]) -> tuple[str, dict[str, A
             params[key.strip()] = float(value) if "." in value or "e" in value else int(value)
         except ValueError:
             params[key.strip()] = value.strip()
-    from placement import get_policy
-
     get_policy(name or "density", **params)  # raises ValueError naming what is wrong
     return name or "density", params
 
 
 def _runtime(text: str) -> str:
-    """Validate a ``--runtime`` value (syntax in ``modelmesh.runtimes.remote.RuntimeAddress``)."""
-    from modelmesh.runtimes.remote import RuntimeAddress
-
+    """Validate a ``--runtime`` value (syntax in ``RuntimeAddress``)."""
     return str(RuntimeAddress.parse(str(text)))
 
 
 def _storage_config(text: str) -> str:
-    """The storage configuration source; it must load now, so a typo fails at start-up."""
-    from modelmesh.storage.config import check_source
+    """The storage configuration source: inline JSON, or a file or directory that exists.
 
-    return check_source(text)
+    A typo fails at parse time; the contents are checked where they are read
+    (``modelmesh.storage.config``), before the instance starts.
+    """
+    source = str(text).strip()
+    if not source:
+        return ""
+    if source.startswith("{"):
+        try:
+            json.loads(source)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"inline storage config is not JSON ({exc.msg})") from None
+        return source
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ValueError(f"storage config {path} does not exist")
+    return source
+
+
+_RUNTIME_KINDS = ("mmesh", "mlserver", "triton")
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeAddress:
+    """A parsed ``--runtime`` value: what kind of server, at which gRPC target."""
+
+    kind: str  # "embedded" | "mmesh" | "mlserver" | "triton"
+    target: str = ""  # gRPC target: "HOST:PORT" or "unix:PATH" ("" when embedded)
+
+    @classmethod
+    def parse(cls, text: str) -> RuntimeAddress:
+        """``embedded``, ``mmesh:HOST:PORT``, ``mmesh:unix:PATH``, ``mlserver:HOST:PORT``
+        or ``triton:HOST:PORT``; ``ValueError`` saying what is wrong otherwise."""
+        text = text.strip()
+        if text in ("", "embedded"):
+            return cls("embedded")
+        kind, sep, rest = text.partition(":")
+        if not sep or kind not in _RUNTIME_KINDS:
+            raise ValueError(
+                f"runtime {text!r}: expected embedded, mmesh:HOST:PORT, mmesh:unix:PATH, "
+                "mlserver:HOST:PORT or triton:HOST:PORT"
+            )
+        if rest.startswith("unix:"):
+            if kind != "mmesh":
+                raise ValueError(f"runtime {text!r}: {kind} listens on TCP only; use HOST:PORT")
+            if not rest[len("unix:"):]:
+                raise ValueError(f"runtime {text!r}: unix: needs a socket path")
+            return cls(kind, rest)
+        host, sep, port = rest.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"runtime {text!r}: expected {kind}:HOST:PORT with a port 1-65535")
+        return cls(kind, rest)
+
+    def __str__(self) -> str:
+        return "embedded" if self.kind == "embedded" else f"{self.kind}:{self.target}"
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ class Device(StrEnum):
 class CopyState(StrEnum):
     """State of one copy of a model on one instance."""
 
-    LOADING = "loading"
-    LOADED = "loaded"
-    FAILED = "failed"
+    LOADING = "LOADING"
+    LOADED = "LOADED"
+    FAILED = "FAILED"
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from modelmesh.testing.seaweedfs import SeaweedFS
+from tests.support.seaweedfs import SeaweedFS
 
 
 @pytest.fixture(scope="session")

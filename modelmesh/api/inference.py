@@ -10,22 +10,32 @@ the instance that should serve it (``modelmesh.routing``).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 import grpc
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from modelmesh import __version__
-from modelmesh.api.errors import grpc_errors, metadata_values
+from modelmesh import __version__, wire
+from modelmesh.api.status import grpc_errors
+from modelmesh.cache.local import ModelCache, UnloadReason
+from modelmesh.dataplane import DataPlane, Duration
 from modelmesh.errors import InvalidArgument, MeshError, ModelNotFound
+from modelmesh.lifecycle import ModelLifecycle
+from modelmesh.metrics import Metrics
+from modelmesh.node import Node
 from modelmesh.registry.records import CopyState, ModelRecord
-from modelmesh.routing import wire
-from modelmesh.routing.router import INFER, METADATA, CallInfo
-
-if TYPE_CHECKING:
-    from modelmesh.instance import MeshInstance
+from modelmesh.registry.store import Registry
+from modelmesh.routing.headers import (
+    INFER,
+    METADATA,
+    MODEL_ID,
+    VMODEL_ID,
+    CallInfo,
+    metadata_values,
+)
+from modelmesh.routing.router import Router
+from modelmesh.view import MeshView, Status
 
 _CONFIG_TYPES = {
     "BOOL": mc.TYPE_BOOL, "UINT8": mc.TYPE_UINT8, "UINT16": mc.TYPE_UINT16,
@@ -36,16 +46,22 @@ _CONFIG_TYPES = {
 }
 
 
-def _stat(d: object) -> pb.StatisticDuration:
-    return pb.StatisticDuration(count=d.count, ns=d.ns)  # type: ignore[attr-defined]
+def _stat(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, instance: MeshInstance) -> None:
-        self.instance = instance
-        self.data = instance.dataplane
-        self.router = instance.router
-        self.metrics = instance.metrics
+    def __init__(self, node: Node, registry: Registry, cache: ModelCache, dataplane: DataPlane,
+                 router: Router, lifecycle: ModelLifecycle, view: MeshView,
+                 metrics: Metrics) -> None:
+        self.node = node
+        self.registry = registry
+        self.cache = cache
+        self.data = dataplane
+        self.router = router
+        self.lifecycle = lifecycle
+        self.view = view
+        self.metrics = metrics
 
     def generic_handler(self) -> tuple[str, dict[str, grpc.RpcMethodHandler]]:
         """(service name, method handlers): the generated ones, but ModelInfer takes bytes."""
@@ -65,7 +81,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return service.full_name, handlers
 
     def _model_id(self, name: str, context: grpc.aio.ServicerContext) -> str:
-        model_id, vmodel_id = metadata_values(context, "mm-model-id", "mm-vmodel-id")
+        model_id, vmodel_id = metadata_values(context, MODEL_ID, VMODEL_ID)
         return self.data.resolve(name, model_id, vmodel_id)
 
     async def _metadata(self, request: pb.ModelMetadataRequest, context) -> tuple[
@@ -98,7 +114,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):  # noqa: N802
-        return pb.ServerReadyResponse(ready=self.instance.ready)
+        return pb.ServerReadyResponse(ready=self.node.ready)
 
     async def ServerMetadata(self, request, context):  # noqa: N802
         return pb.ServerMetadataResponse(
@@ -111,14 +127,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_errors("ModelReady")
     async def ModelReady(self, request, context):  # noqa: N802
         model_id = self._model_id(request.name, context)
-        await self.instance.registry.require_model(model_id)
+        await self.registry.require_model(model_id)
         if self.data.is_ready(model_id):
             return pb.ModelReadyResponse(ready=True)
-        live = self.instance.registry.instances
-        copies = self.instance.registry.copies.get(model_id, {})
-        me = self.instance.instance_id  # the local cache, checked above, is the truth here
-        ready = any(c.state is CopyState.LOADED and iid != me and iid in live
-                    and not live[iid].shutting_down for iid, c in copies.items())
+        # The local cache, checked above, is the truth here.
+        ready = bool(self.view.live_copies(model_id, (CopyState.LOADED,), include_self=False))
         return pb.ModelReadyResponse(ready=ready)
 
     @grpc_errors("ModelMetadata")
@@ -147,7 +160,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request, context):  # noqa: N802
         if request.name:
             model_id = self._model_id(request.name, context)
-            await self.instance.registry.require_model(model_id)
+            await self.registry.require_model(model_id)
             items = [(model_id, self.data.stats.get(model_id))]
         else:
             items = list(self.data.stats.items())
@@ -212,12 +225,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors("RepositoryIndex")
     async def RepositoryIndex(self, request, context):  # noqa: N802
-        registry = self.instance.registry
         models = []
-        for model_id in registry.list_model_ids():
-            entry = self.instance.cache.get(model_id)
-            state = entry.state.value if entry is not None else "NOT_LOADED"
-            ready = state == "LOADED"
+        for model_id in self.registry.list_model_ids():
+            entry = self.cache.get(model_id)
+            state = entry.state.value if entry is not None else Status.NOT_LOADED.value
+            ready = entry is not None and entry.state is CopyState.LOADED
             if request.ready and not ready:
                 continue
             models.append(pb.RepositoryIndexResponse.ModelIndex(
@@ -231,18 +243,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not request.model_name:
             raise InvalidArgument("model_name is required")
         model_id = self._model_id(request.model_name, context)
-        await self.instance.lifecycle.ensure_loaded(model_id, sync=True)
-        status = self.instance.lifecycle.status(model_id)
-        if status.status == "LOADING_FAILED":
+        await self.lifecycle.ensure_loaded(model_id, sync=True)
+        status = self.lifecycle.status(model_id)
+        if status.status is Status.LOADING_FAILED:
             raise InvalidArgument(f"model '{model_id}' failed to load: {'; '.join(status.errors)}")
         return pb.RepositoryModelLoadResponse()
 
     @grpc_errors("RepositoryModelUnload")
     async def RepositoryModelUnload(self, request, context):  # noqa: N802
         model_id = self._model_id(request.model_name, context)
-        if await self.instance.registry.get_model(model_id) is None:
+        if await self.registry.get_model(model_id) is None:
             raise ModelNotFound(model_id)
-        self.instance.cache.unload(model_id, reason="repository unload")
+        self.cache.unload(model_id, reason=UnloadReason.REPOSITORY_UNLOAD)
         return pb.RepositoryModelUnloadResponse()
 
     # -- not offered ------------------------------------------------------------------

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import bisect
 
 from modelmesh._proto.mmesh import mesh_extensions_pb2 as ext
 from modelmesh._proto.mmesh import mesh_extensions_pb2_grpc as ext_grpc
 from modelmesh._proto.mmesh import model_mesh_pb2 as mm
 from modelmesh._proto.mmesh import model_mesh_pb2_grpc as mm_grpc
-from modelmesh.api.errors import grpc_errors, metadata_value, metadata_values
+from modelmesh.api.status import code_of, grpc_errors
 from modelmesh.errors import InvalidArgument, MeshError
-from modelmesh.lifecycle import ModelStatus, VModelStatus
-
-if TYPE_CHECKING:
-    from modelmesh.instance import MeshInstance
+from modelmesh.lifecycle import ModelLifecycle, VModelStatus
+from modelmesh.metrics import Metrics
+from modelmesh.node import Node
+from modelmesh.registry.store import Registry
+from modelmesh.routing.headers import (
+    LOAD_HERE,
+    MAX_COPIES,
+    MIN_COPIES,
+    REPLACE,
+    metadata_value,
+    metadata_values,
+)
+from modelmesh.view import ModelStatus
 
 _MS = mm.ModelStatusInfo
 _VS = mm.VModelStatusInfo
@@ -21,11 +30,11 @@ _VS = mm.VModelStatusInfo
 
 def status_proto(s: ModelStatus) -> mm.ModelStatusInfo:
     return _MS(
-        status=_MS.ModelStatus.Value(s.status),
+        status=_MS.ModelStatus.Value(s.status.value),
         errors=list(s.errors),
         modelCopyInfos=[
-            _MS.ModelCopyInfo(location=c.instance_id, copyStatus=_MS.ModelStatus.Value(c.state),
-                              time=c.time_ms)
+            _MS.ModelCopyInfo(location=c.instance_id,
+                              copyStatus=_MS.ModelStatus.Value(c.state.value), time=c.time_ms)
             for c in s.copies
         ],
     )
@@ -33,7 +42,8 @@ def status_proto(s: ModelStatus) -> mm.ModelStatusInfo:
 
 def vstatus_proto(v: VModelStatus) -> mm.VModelStatusInfo:
     return _VS(
-        status=_VS.VModelStatus.Value(v.status), activeModelId=v.active_model,
+        status=_VS.VModelStatus.Value(v.state.value if v.state is not None else "NOT_FOUND"),
+        activeModelId=v.active_model,
         targetModelId=v.target_model, owner=v.owner,
         activeModelStatus=status_proto(v.active_status),
         targetModelStatus=status_proto(v.target_status),
@@ -55,18 +65,18 @@ def _truthy(text: str) -> bool:
 
 
 class ModelMeshServicer(mm_grpc.ModelMeshServicer):
-    def __init__(self, instance: MeshInstance) -> None:
-        self.instance = instance
-        self.models = instance.lifecycle
-        self.metrics = instance.metrics
+    def __init__(self, node: Node, lifecycle: ModelLifecycle, metrics: Metrics) -> None:
+        self.node = node
+        self.models = lifecycle
+        self.metrics = metrics
 
     @grpc_errors("registerModel")
     async def registerModel(self, request, context):  # noqa: N802
         info = request.modelInfo
-        replace, lo, hi = metadata_values(context, "mm-replace", "mm-min-copies", "mm-max-copies")
+        replace, lo, hi = metadata_values(context, REPLACE, MIN_COPIES, MAX_COPIES)
         record = self.models.new_record(request.modelId, info.type, info.path, info.key,
-                                        min_copies=_count("mm-min-copies", lo),
-                                        max_copies=_count("mm-max-copies", hi))
+                                        min_copies=_count(MIN_COPIES, lo),
+                                        max_copies=_count(MAX_COPIES, hi))
         status = await self.models.register(
             record, replace=_truthy(replace),
             load_now=request.loadNow, sync=request.sync,
@@ -86,7 +96,7 @@ class ModelMeshServicer(mm_grpc.ModelMeshServicer):
 
     @grpc_errors("ensureLoaded")
     async def ensureLoaded(self, request, context):  # noqa: N802
-        here = bool(metadata_value(context, "mm-load-here"))
+        here = bool(metadata_value(context, LOAD_HERE))
         return status_proto(await self.models.ensure_loaded(request.modelId, sync=request.sync,
                                                             here=here))
 
@@ -118,22 +128,22 @@ class ModelMeshServicer(mm_grpc.ModelMeshServicer):
 class ExtensionsServicer(ext_grpc.ModelMeshExtensionsServicer):
     MAX_PAGE = 10_000
 
-    def __init__(self, instance: MeshInstance) -> None:
-        self.instance = instance
-        self.models = instance.lifecycle
-        self.metrics = instance.metrics
+    def __init__(self, node: Node, registry: Registry, lifecycle: ModelLifecycle,
+                 metrics: Metrics) -> None:
+        self.node = node
+        self.registry = registry
+        self.models = lifecycle
+        self.metrics = metrics
 
     @grpc_errors("listModels")
     async def listModels(self, request, context):  # noqa: N802
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative")
         size = min(request.page_size or 1000, self.MAX_PAGE)
-        registry = self.instance.registry
+        registry = self.registry
         ids = registry.list_model_ids(request.prefix)
         start = 0
         if request.page_token:
-            import bisect
-
             start = bisect.bisect_right(ids, request.page_token)
         page = ids[start:start + size]
         out = []
@@ -164,15 +174,15 @@ class ExtensionsServicer(ext_grpc.ModelMeshExtensionsServicer):
                 records.append(self.models.new_record(req.modelId, info.type, info.path, info.key))
                 results.append(None)
             except MeshError as exc:
-                results.append(ext.RegisterResult(modelId=req.modelId, code=exc.code.value[0],
+                results.append(ext.RegisterResult(modelId=req.modelId, code=code_of(exc),
                                                   message=exc.message))
-        outcomes = iter(await self.instance.registry.register_models(records, request.replace))
+        outcomes = iter(await self.registry.register_models(records, request.replace))
         final = []
         for req, res in zip(request.requests, results, strict=True):
             if res is None:
                 err = next(outcomes)
                 res = ext.RegisterResult(modelId=req.modelId) if err is None else \
-                    ext.RegisterResult(modelId=req.modelId, code=err.code.value[0],
+                    ext.RegisterResult(modelId=req.modelId, code=code_of(err),
                                        message=err.message)
                 if err is None and req.loadNow:
                     await self.models.ensure_loaded(req.modelId, sync=req.sync)
@@ -181,7 +191,7 @@ class ExtensionsServicer(ext_grpc.ModelMeshExtensionsServicer):
 
     @grpc_errors("clusterStatus")
     async def clusterStatus(self, request, context):  # noqa: N802
-        registry = self.instance.registry
+        registry = self.registry
         instances = [
             ext.InstanceInfo(
                 instanceId=r.instance_id, endpoint=r.endpoint, capacityBytes=r.capacity_bytes,

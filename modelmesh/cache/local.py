@@ -24,11 +24,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol
 
 from modelmesh.errors import CapacityExceeded, MeshError, ModelLoadFailed, Unavailable
-from modelmesh.registry.records import ModelRecord
+from modelmesh.registry.records import CopyState, ModelRecord
 from modelmesh.runtimes.base import LoadedModel
 from placement import CachedModel, InstanceCache, Memory, Policy, rate_after_request
 
@@ -43,12 +43,6 @@ class ModelLoader(Protocol):
     def load(self, record: ModelRecord) -> LoadedModel: ...
 
 
-class EntryState(Enum):
-    LOADING = "LOADING"
-    LOADED = "LOADED"
-    FAILED = "FAILED"
-
-
 class CacheEntry:
     """One model's slot in the cache (mutable; owned by the cache)."""
 
@@ -60,7 +54,7 @@ class CacheEntry:
 
     def __init__(self, model_id: str, ready: asyncio.Future[None]) -> None:
         self.model_id = model_id
-        self.state = EntryState.LOADING
+        self.state = CopyState.LOADING
         self.size = 0
         self.model: LoadedModel | None = None
         self.ready = ready
@@ -86,16 +80,34 @@ class Usage:
     last_used: float | None = None
 
 
+class EventKind(StrEnum):
+    LOADING = "loading"
+    LOADED = "loaded"
+    FAILED = "failed"
+    UNLOADED = "unloaded"
+
+
+class UnloadReason(StrEnum):
+    """Why a model left the cache (the ``modelmesh_unloads`` metric's label)."""
+
+    EVICTED = "evicted"
+    UNREGISTERED = "unregistered"
+    REPLACED = "replaced"
+    SCALED_DOWN = "scaled down"
+    REPOSITORY_UNLOAD = "repository unload"
+    SHUTDOWN = "shutdown"
+
+
 @dataclass(frozen=True, slots=True)
 class CacheEvent:
     """What the cache tells the rest of the instance (copy records, metrics, logs)."""
 
-    kind: str  # "loading" | "loaded" | "failed" | "unloaded"
+    kind: EventKind
     model_id: str
     size_bytes: int = 0
     load_ms: float = 0.0
     error: str = ""
-    reason: str = ""  # for "unloaded": "evicted" | "unregistered" | "shutdown"
+    reason: UnloadReason | None = None  # for UNLOADED
 
 
 class ModelCache:
@@ -127,7 +139,8 @@ class ModelCache:
         self._used = 0
         self._load_slots = asyncio.Semaphore(max_concurrent_loads)
         self._space_freed = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # loads
+        self._unloads: set[asyncio.Future[None]] = set()  # model.unload() calls in threads
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(
             max_workers=max(2, max_concurrent_loads), thread_name_prefix="mm-load"
@@ -163,9 +176,9 @@ class ModelCache:
         if self._counted_at != self._generation:
             loaded = loading = 0
             for e in self._entries.values():
-                if e.state is EntryState.LOADED:
+                if e.state is CopyState.LOADED:
                     loaded += 1
-                elif e.state is EntryState.LOADING:
+                elif e.state is CopyState.LOADING:
                     loading += 1
             self._count_cache = (loaded, loading)
             self._counted_at = self._generation
@@ -189,7 +202,7 @@ class ModelCache:
 
     def is_loaded(self, model_id: str) -> bool:
         entry = self._entries.get(model_id)
-        return entry is not None and entry.state is EntryState.LOADED
+        return entry is not None and entry.state is CopyState.LOADED
 
     def entries(self) -> list[CacheEntry]:
         return list(self._entries.values())
@@ -197,7 +210,7 @@ class ModelCache:
     def lru_time(self) -> float:
         """Monotonic last-use time of the least recently used loaded model (0 if none)."""
         for entry in self._entries.values():
-            if entry.state is EntryState.LOADED:
+            if entry.state is CopyState.LOADED:
                 return entry.last_used
         return 0.0
 
@@ -214,13 +227,13 @@ class ModelCache:
             entry = self._entries.get(model_id)
             if entry is None:
                 entry = self._start_load(record)
-            if entry.state is EntryState.LOADED:
+            if entry.state is CopyState.LOADED:
                 entry.in_use += 1
                 self._touch(entry)
                 return entry
-            if entry.state is EntryState.LOADING:
+            if entry.state is CopyState.LOADING:
                 await asyncio.shield(entry.ready)
-                if entry.state is EntryState.FAILED:  # the load this request waited for
+                if entry.state is CopyState.FAILED:  # the load this request waited for
                     raise ModelLoadFailed(model_id, entry.error)
                 continue
             # FAILED
@@ -250,14 +263,14 @@ class ModelCache:
         entry.in_use -= 1
         if entry.in_use == 0:
             if entry.unload_requested:
-                self._drop(entry, "unregistered")
+                self._drop(entry, UnloadReason.UNREGISTERED)
             self._space_freed.set()
 
     def ensure_loading(self, record: ModelRecord) -> CacheEntry:
         """Start loading ``record`` if it is not here yet, without waiting."""
         entry = self._entries.get(record.model_id)
         if entry is None or (
-            entry.state is EntryState.FAILED and time.monotonic() >= entry.failed_until
+            entry.state is CopyState.FAILED and time.monotonic() >= entry.failed_until
         ):
             self._entries.pop(record.model_id, None)
             self._generation += 1
@@ -285,7 +298,7 @@ class ModelCache:
             async with self._load_slots:
                 if entry.unload_requested:
                     raise ModelLoadFailed(record.model_id, "unregistered while queued to load")
-                self._on_event(CacheEvent("loading", record.model_id))
+                self._on_event(CacheEvent(EventKind.LOADING, record.model_id))
                 started = time.perf_counter()
                 predicted = record.size_estimate or await loop.run_in_executor(
                     self._executor, self.loader.predict_size, record
@@ -304,29 +317,30 @@ class ModelCache:
                     self._evict_for(self._used - self.capacity_bytes, entry)
                 entry.model = model
                 entry.load_ms = (time.perf_counter() - started) * 1000
-                entry.state = EntryState.LOADED
+                entry.state = CopyState.LOADED
                 self._generation += 1
                 entry.loaded_at = time.time()
                 self._touch(entry)  # the load is for a use: it starts valued as one
                 entry.hits = 0
                 self.loads += 1
                 if entry.unload_requested:
-                    self._drop(entry, "unregistered")
+                    self._drop(entry, UnloadReason.UNREGISTERED)
                 else:
                     self._entries.move_to_end(record.model_id)
                 log.info("model loaded: %s (%d bytes, %.0f ms)", record.model_id, entry.size,
                          entry.load_ms)
-                self._on_event(CacheEvent("loaded", record.model_id, entry.size, entry.load_ms))
+                self._on_event(CacheEvent(EventKind.LOADED, record.model_id, entry.size,
+                                         entry.load_ms))
         except Exception as exc:  # any load failure becomes the model's recorded failure
             reason = exc.reason if isinstance(exc, ModelLoadFailed) else (
                 exc.message if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
             )
             self._resize(entry, 0)
-            entry.state = EntryState.FAILED
+            entry.state = CopyState.FAILED
             self._generation += 1
             entry.error = reason
             # A lack of room right now is not the model's fault: the next request retries.
-            transient = getattr(exc, "transient", False)
+            transient = isinstance(exc, MeshError) and exc.transient
             entry.failed_until = time.monotonic() + (0.0 if transient else self.failure_ttl)
             if model is not None:
                 await loop.run_in_executor(self._executor, model.unload)
@@ -334,7 +348,7 @@ class ModelCache:
                 del self._entries[entry.model_id]
                 self._generation += 1
             log.warning("model failed to load: %s: %s", record.model_id, reason)
-            self._on_event(CacheEvent("failed", record.model_id, error=reason))
+            self._on_event(CacheEvent(EventKind.FAILED, record.model_id, error=reason))
         finally:
             if not entry.ready.done():
                 entry.ready.set_result(None)
@@ -355,12 +369,10 @@ class ModelCache:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                err = CapacityExceeded(
+                raise CapacityExceeded(
                     f"no room to load '{loading.model_id}' ({needed} bytes): the other "
-                    f"{self._used} bytes are in use or loading"
+                    f"{self._used} bytes are in use or loading", transient=True,
                 )
-                err.transient = True  # type: ignore[attr-defined]
-                raise err
             self._space_freed.clear()
             try:
                 await asyncio.wait_for(self._space_freed.wait(), remaining)
@@ -381,13 +393,13 @@ class ModelCache:
             entry = self._entries[model_id]
             freed += entry.size
             self.evictions += 1
-            self._drop(entry, "evicted")
+            self._drop(entry, UnloadReason.EVICTED)
         return freed
 
     def choose_victims(self, needed: int, keep: CacheEntry | None = None) -> list[str]:
         """The models ``_evict_for`` would unload to free ``needed`` bytes (nothing changes)."""
         def evictable(e: CacheEntry) -> bool:
-            return e is not keep and e.state is EntryState.LOADED and not e.in_use
+            return e is not keep and e.state is CopyState.LOADED and not e.in_use
 
         if self.policy is None:
             victims, freed = [], 0
@@ -415,34 +427,42 @@ class ModelCache:
             entries=tuple(
                 CachedModel(
                     e.model_id, e.size, e.priority, wall - (mono - e.last_used),
-                    in_use=e is keep or e.state is not EntryState.LOADED or e.in_use > 0,
+                    in_use=e is keep or e.state is not CopyState.LOADED or e.in_use > 0,
                 )
                 for e in self._entries.values() if e.size > 0
             ),
         )
 
-    def _drop(self, entry: CacheEntry, reason: str) -> None:
-        """Remove a loaded model now and release its resources in the background."""
+    def _drop(self, entry: CacheEntry, reason: UnloadReason) -> None:
+        """Remove a loaded model now and release its resources in a thread (awaited on close)."""
         if self._entries.get(entry.model_id) is entry:
             del self._entries[entry.model_id]
             self._generation += 1
         self._resize(entry, 0)
         model, entry.model = entry.model, None
         if model is not None:
-            self._executor.submit(model.unload)
+            done = asyncio.get_running_loop().run_in_executor(self._executor, model.unload)
+            self._unloads.add(done)
+            done.add_done_callback(self._unloaded)
         log.info("model unloaded: %s (%s)", entry.model_id, reason)
-        self._on_event(CacheEvent("unloaded", entry.model_id, reason=reason))
+        self._on_event(CacheEvent(EventKind.UNLOADED, entry.model_id, reason=reason))
+
+    def _unloaded(self, done: asyncio.Future[None]) -> None:
+        self._unloads.discard(done)
+        if not done.cancelled() and done.exception() is not None:
+            log.warning("releasing an unloaded model failed: %s", done.exception())
 
     # -- unloading ----------------------------------------------------------------
 
-    def unload(self, model_id: str, reason: str = "unregistered") -> bool:
+    def unload(self, model_id: str,
+               reason: UnloadReason = UnloadReason.UNREGISTERED) -> bool:
         """Unload ``model_id`` now, or as soon as its in-flight requests finish."""
         entry = self._entries.get(model_id)
         if entry is None:
             return False
-        if entry.state is EntryState.LOADED and entry.in_use == 0:
+        if entry.state is CopyState.LOADED and entry.in_use == 0:
             self._drop(entry, reason)
-        elif entry.state is EntryState.FAILED:
+        elif entry.state is CopyState.FAILED:
             del self._entries[model_id]
             self._generation += 1
         else:
@@ -456,9 +476,11 @@ class ModelCache:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for entry in list(self._entries.values()):
-            if entry.state is EntryState.LOADED:
-                self._drop(entry, "shutdown")
+            if entry.state is CopyState.LOADED:
+                self._drop(entry, UnloadReason.SHUTDOWN)
         self._entries.clear()
         self._generation += 1
+        if self._unloads:
+            await asyncio.gather(*self._unloads, return_exceptions=True)
         if self._own_executor:
             self._executor.shutdown(wait=True)

@@ -11,11 +11,9 @@ from dataclasses import dataclass, field, fields, replace
 from enum import Enum, StrEnum
 from typing import Any, Self
 
-
-class CopyState(StrEnum):
-    LOADING = "LOADING"
-    LOADED = "LOADED"
-    FAILED = "FAILED"
+# One copy-state enum for the whole mesh: placement's (records, the cache and
+# placement's snapshots all speak it; stored in etcd by its value).
+from placement import CopyState
 
 
 class VModelState(StrEnum):

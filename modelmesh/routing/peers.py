@@ -13,6 +13,9 @@ from collections.abc import Sequence
 
 import grpc
 
+from modelmesh.errors import Code
+from modelmesh.routing.headers import INSTANCE
+
 log = logging.getLogger(__name__)
 
 Metadata = Sequence[tuple[str, str | bytes]]
@@ -21,7 +24,7 @@ Metadata = Sequence[tuple[str, str | bytes]]
 class PeerError(Exception):
     """A peer answered a forwarded call with a non-OK status (passed on to the client)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str, trailing: Metadata,
+    def __init__(self, code: Code, details: str, trailing: Metadata,
                  reached: bool) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
@@ -69,8 +72,9 @@ class PeerPool:
                                                       timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             trailing = exc.trailing_metadata() or ()
-            reached = any(k == "mm-instance" for k, _ in trailing)
-            raise PeerError(exc.code(), exc.details() or "", trailing, reached) from None
+            reached = any(k == INSTANCE for k, _ in trailing)
+            raise PeerError(Code[exc.code().name], exc.details() or "", trailing,
+                            reached) from None
 
     async def forget(self, endpoint: str) -> None:
         """Close the channel to a peer that left the mesh."""

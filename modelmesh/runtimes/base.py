@@ -29,6 +29,9 @@ class LoadedModel(ABC):
     #: stacked along the first axis, predicted together and split back
     #: (``modelmesh.batching``).
     batchable: bool = False
+    #: Whether the model takes serialized V2 requests as they are (``infer_raw``):
+    #: a model in a runtime server gets the client's bytes untouched.
+    passes_bytes: bool = False
 
     @abstractmethod
     def predict(self, inputs: list[Tensor], parameters: Parameters) -> list[Tensor]:
@@ -44,6 +47,11 @@ class LoadedModel(ABC):
         """
         return self.predict(inputs, parameters)
 
+    async def infer_raw(self, request: bytes,
+                        metadata: Sequence[tuple[str, str | bytes]] = ()) -> bytes:
+        """Serve a serialized ``ModelInferRequest``; only where ``passes_bytes`` is set."""
+        raise NotImplementedError(f"{type(self).__name__} does not take requests as bytes")
+
     def unload(self) -> None:  # noqa: B027 - optional hook
         """Release resources held outside the Python heap (sessions, boosters)."""
 
@@ -53,6 +61,8 @@ class Runtime(ABC):
 
     #: The model type users register (``--type``).
     model_type: str
+    #: File name suffixes of this format, preferred when a model path is a directory.
+    suffixes: tuple[str, ...] = ()
 
     @abstractmethod
     def predict_size(self, path: Path) -> int:

@@ -51,6 +51,7 @@ _KEYS = {"description", "inputs", "outputs", "delay_ms", "memory_bytes"}
 
 class IdentityRuntime(Runtime):
     model_type = "identity"
+    suffixes = SUFFIXES
 
     def predict_size(self, path: Path) -> int:
         try:

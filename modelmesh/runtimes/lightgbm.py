@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from modelmesh.errors import InvalidArgument
-from modelmesh.runtimes import tabular
+from modelmesh.runtimes import tabular  # the module, not the package
 from modelmesh.runtimes._model_files import (
     BadModelFile,
     first_line,
@@ -51,6 +51,7 @@ FACTOR = 1.0
 
 class LightGBMRuntime(Runtime):
     model_type = "lightgbm"
+    suffixes = SUFFIXES
 
     def predict_size(self, path: Path) -> int:
         return max(1, int(total_size(path) * FACTOR))

@@ -86,6 +86,7 @@ _NUMPY: dict[str, np.dtype] = {
 
 class OnnxRuntime(Runtime):
     model_type = "onnx"
+    suffixes = SUFFIXES
 
     def predict_size(self, path: Path) -> int:
         return max(1, int(total_size(path) * FACTOR))

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from modelmesh.errors import InvalidArgument
-from modelmesh.runtimes import tabular
+from modelmesh.runtimes import tabular  # the module, not the package
 from modelmesh.runtimes._model_files import (
     BadModelFile,
     first_line,
@@ -57,6 +57,7 @@ COMPRESSED_FACTOR = 5.0
 
 class SklearnRuntime(Runtime):
     model_type = "sklearn"
+    suffixes = SUFFIXES
 
     def predict_size(self, path: Path) -> int:
         size = total_size(path)

@@ -68,6 +68,7 @@ _threads_set = False
 
 class TorchScriptRuntime(Runtime):
     model_type = "torchscript"
+    suffixes = SUFFIXES
 
     def __init__(self, device: str = "") -> None:
         #: Device to load onto; "" = ``MM_TORCH_DEVICE``, else cuda when available, else cpu.

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from modelmesh.errors import InvalidArgument
-from modelmesh.runtimes import tabular
+from modelmesh.runtimes import tabular  # the module, not the package
 from modelmesh.runtimes._model_files import (
     BadModelFile,
     first_line,
@@ -53,6 +53,7 @@ UBJ_FACTOR = 1.0
 
 class XGBoostRuntime(Runtime):
     model_type = "xgboost"
+    suffixes = SUFFIXES
 
     def predict_size(self, path: Path) -> int:
         size = total_size(path)

@@ -1,7 +1,8 @@
 """Where model files come from: the models root, or object storage through the disk cache.
 
-``LocalModelLoader`` is what the model cache loads with; ``check_model_location``
-is what registration validates with. URI forms are in ``uri``, the storage
+``ModelFiles`` puts a model's files on local disk (the embedded loader in
+``modelmesh.runtimes.loader`` loads them); ``check_model_location`` is what
+registration validates with. URI forms are in ``uri``, the storage
 configuration format in ``config``, pulling in ``puller``, the disk cache in
 ``diskcache``.
 """
@@ -9,7 +10,7 @@ configuration format in ``config``, pulling in ``puller``, the disk cache in
 from modelmesh.storage.config import StorageConfigs, StorageSpec, load_storage_config
 from modelmesh.storage.diskcache import DiskCache
 from modelmesh.storage.local import (
-    LocalModelLoader,
+    ModelFiles,
     check_model_location,
     resolve_model_path,
 )
@@ -18,7 +19,7 @@ from modelmesh.storage.uri import Location, parse_location
 
 __all__ = [
     "DiskCache",
-    "LocalModelLoader",
+    "ModelFiles",
     "Location",
     "Puller",
     "Source",

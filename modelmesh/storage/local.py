@@ -1,24 +1,23 @@
-"""The cache's model loader: local files under the models root, or pulled from storage.
+"""Where a model's files are on local disk: under the models root, or pulled from storage.
 
 A local path (plain or ``file://``) is read where it is, confined to the models
 root. A remote location (``s3://``, ``gs://``, ``https://``, or a plain path
 with a storage key) is pulled into the local disk cache first; the runtime then
-loads it from there (see ``modelmesh.storage.puller``).
+loads it from there (see ``modelmesh.storage.puller``). Nothing here knows a
+model format.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modelmesh.errors import InvalidArgument, StorageError
 from modelmesh.registry.records import ModelRecord
-from modelmesh.runtimes import get_runtime
-from modelmesh.runtimes.base import LoadedModel
 from modelmesh.storage.config import StorageConfigs, shared_storage_configs
 from modelmesh.storage.diskcache import DiskCache
 from modelmesh.storage.puller import Puller, Source, resolve_source
@@ -81,17 +80,19 @@ def disk_cache_dir(settings: Settings) -> Path:
         Path(settings.data_dir) / "models-cache"
 
 
-class LocalModelLoader:
-    """The cache's ``ModelLoader``: local files, or remote ones pulled into the disk cache."""
+class ModelFiles:
+    """A model's files on local disk: under the models root, or pulled into the disk cache.
+
+    Knows no model format: what a file means is the runtimes' business.
+    """
 
     def __init__(self, models_root: Path, puller: Puller | None = None) -> None:
         self.models_root = Path(models_root)
         self.puller = puller
 
     @classmethod
-    def from_settings(cls, settings: Settings, metrics: Metrics | None = None
-                      ) -> LocalModelLoader:
-        """A loader with the storage configuration, disk cache and limits of ``settings``."""
+    def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> ModelFiles:
+        """Files with the storage configuration, disk cache and limits of ``settings``."""
         def on_change(cache: DiskCache) -> None:
             if metrics is not None:
                 metrics.disk_cache_used_bytes.set(cache.used_bytes)
@@ -130,18 +131,15 @@ class LocalModelLoader:
         with self._puller(source).pull(source) as path:
             yield path
 
-    def predict_size(self, record: ModelRecord) -> int:
-        runtime = get_runtime(record.model_type)
+    def predict_size(self, record: ModelRecord, measure: Callable[[Path], int]) -> int:
+        """The model's loaded size before loading: ``measure`` (the format's estimate)
+        of its local files, or, for a remote model not on local disk yet, its bytes in
+        storage times ``REMOTE_SIZE_FACTOR``."""
         source = self._source(record)
         if source is None:
-            return runtime.predict_size(self._locate(record))
+            return measure(self._locate(record))
         puller = self._puller(source)
         with puller.cached(source) as local:
             if local is not None:
-                return runtime.predict_size(local)
+                return measure(local)
         return max(1, int(puller.remote_bytes(source) * REMOTE_SIZE_FACTOR))
-
-    def load(self, record: ModelRecord) -> LoadedModel:
-        runtime = get_runtime(record.model_type)
-        with self.local_files(record) as path:
-            return runtime.load(path, record.model_id)

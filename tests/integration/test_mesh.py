@@ -180,7 +180,10 @@ def test_traffic_to_one_instance_spreads_models_over_the_mesh(mesh_factory, etcd
     with ThreadPoolExecutor(8) as pool:
         assert all(pool.map(one, sorted(models)))
 
-    info = wait_until(lambda: instances(ingress), 5)
+    # Instance records reach the ingress's mirror a moment after the loads: wait for them.
+    info = wait_until(lambda: (i := instances(ingress)) and len(i) == 3
+                      and sum(x.modelCount for x in i.values()) >= 200 and i, 20) \
+        or instances(ingress)
     assert len(info) == 3
     for inst in info.values():
         assert inst.usedBytes <= capacity, inst
@@ -266,8 +269,10 @@ def test_hop_limit_and_balanced_requests_are_served_where_they_land(mesh_factory
     with triton.InferenceServerClient(b.endpoint) as c:
         infer(c, "h1", headers={"mm-hops": "2"})  # at the limit: never forwarded again
         infer(c, "h2", headers={"mm-balanced": "true"})  # balanced: the ingress loads it
-    for model in ("h1", "h2"):
-        assert copies(a.endpoint, model) == {f"test-{b.port}": "LOADED"}
+    expected = {f"test-{b.port}": "LOADED"}
+    for model in ("h1", "h2"):  # b's copy records reach a's mirror a moment later
+        assert wait_until(lambda m=model: copies(a.endpoint, m) == expected, 10), \
+            copies(a.endpoint, model)
 
 
 def test_concurrent_cold_requests_across_ingresses_share_one_load(mesh_factory, etcd_server,
@@ -307,13 +312,17 @@ def test_hot_model_gains_copies_under_load_and_loses_them_after(mesh_factory, et
     with Traffic(ingress, ["hot"], threads=8) as traffic:
         grown = wait_until(
             lambda: sum(s == "LOADED" for s in copies(ingress, "hot").values()) >= 2, 40, 0.5)
-        time.sleep(3)  # routing now splits the traffic between the copies
+
+        def served() -> Counter:
+            return Counter({mp.port: metric(mp, "modelmesh_invoke_model_milliseconds_count")
+                            for mp in meshes})
+
+        # routing now splits the traffic between the copies
+        wait_until(lambda: sum(1 for v in served().values() if v > 0) >= 2, 20, 0.5)
     assert grown, f"no second copy under load: {copies(ingress, 'hot')}"
     assert not traffic.failures()
-    served = Counter()
-    for mp in meshes:
-        served[mp.port] = metric(mp, "modelmesh_invoke_model_milliseconds_count")
-    assert sum(1 for v in served.values() if v > 0) >= 2, served
+    counts = served()
+    assert sum(1 for v in counts.values() if v > 0) >= 2, counts
     shrunk = wait_until(
         lambda: sum(s == "LOADED" for s in copies(ingress, "hot").values()) == 1, 40, 0.5)
     assert shrunk, f"copies stayed after traffic stopped: {copies(ingress, 'hot')}"
@@ -378,6 +387,8 @@ def test_sigterm_under_traffic_fails_no_request(mesh_factory, etcd_server, model
     assert not traffic.failures(), traffic.failures()[:5]
     # The models it held were moved: each is loaded on a remaining instance.
     for m in held:
+        wait_until(lambda m=m: (st := copies(ingress.endpoint, m)) and leaving_id not in st
+                   and "LOADED" in st.values(), 10)
         states = copies(ingress.endpoint, m)
         assert leaving_id not in states
         assert "LOADED" in states.values(), (m, states)

@@ -421,6 +421,16 @@ def test_registration_conflicts_and_bad_definitions(mgmt, demo_models):
         mm.GetStatusRequest(modelId="escape"), timeout=10).status) == "NOT_FOUND"
 
 
+def test_reregistering_with_new_copy_limits_is_accepted(mgmt, demo_models):
+    register(mgmt, "limits-later", "sklearn", demo_models["sklearn"].path, load_now=False)
+    request = mm.RegisterModelRequest(
+        modelId="limits-later",
+        modelInfo=mm.ModelInfo(type="sklearn", path=str(demo_models["sklearn"].path)))
+    status = mgmt.registerModel(request, metadata=[("mm-min-copies", "0"),
+                                                   ("mm-max-copies", "2")], timeout=30)
+    assert ST.ModelStatus.Name(status.status) in ("NOT_LOADED", "LOADING", "LOADED")
+
+
 def test_unregister_unloads_and_forgets(mgmt, v2, demo_models):
     register(mgmt, "gone-soon", "sklearn", demo_models["sklearn"].path)
     mgmt.unregisterModel(mm.UnregisterModelRequest(modelId="gone-soon"), timeout=10)

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from modelmesh.cache.local import CacheEvent, EntryState, ModelCache
+from modelmesh.cache.local import CacheEvent, ModelCache
 from modelmesh.errors import ModelLoadFailed
-from modelmesh.registry.records import ModelRecord
+from modelmesh.registry.records import CopyState, ModelRecord
 from modelmesh.runtimes.base import LoadedModel
 from modelmesh.tensor import ModelSignature
 
@@ -134,7 +134,7 @@ async def test_failures_are_remembered_until_they_expire() -> None:
         with pytest.raises(ModelLoadFailed, match="corrupt model file"):
             await use(cache, "bad")
     assert loader.loads == {"bad": 1}  # no retry storm
-    assert cache.get("bad").state is EntryState.FAILED
+    assert cache.get("bad").state is CopyState.FAILED
     await asyncio.sleep(0.35)
     loader.fail.clear()
     await use(cache, "bad")  # expired: retried, and now it works

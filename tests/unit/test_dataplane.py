@@ -20,6 +20,7 @@ from modelmesh.metrics import Metrics
 from modelmesh.registry.records import ModelRecord
 from modelmesh.runtimes.base import LoadedModel
 from modelmesh.tensor import ModelSignature, Tensor
+from tests.support.mirror import in_memory_registry
 
 
 class TimedModel(LoadedModel):
@@ -71,7 +72,7 @@ async def test_fast_models_run_inline_after_a_measured_call(seconds, inline_ms, 
     model = TimedModel(seconds)
     cache = ModelCache(1000, OneModelLoader(model))
     with ThreadPoolExecutor(2) as executor:
-        plane = DataPlane(registry=None, cache=cache, metrics=Metrics(),  # type: ignore[arg-type]
+        plane = DataPlane(registry=in_memory_registry(), cache=cache, metrics=Metrics(),
                           executor=executor, load_timeout=10, inline_infer_ms=inline_ms)
         record = ModelRecord("m", "identity", "m.json")
         loop_thread = threading.get_ident()
@@ -90,7 +91,7 @@ async def test_a_model_that_slows_down_moves_back_to_threads():
     model = TimedModel(0.0)
     cache = ModelCache(1000, OneModelLoader(model))
     with ThreadPoolExecutor(2) as executor:
-        plane = DataPlane(registry=None, cache=cache, metrics=Metrics(),  # type: ignore[arg-type]
+        plane = DataPlane(registry=in_memory_registry(), cache=cache, metrics=Metrics(),
                           executor=executor, load_timeout=10, inline_infer_ms=1.0)
         record = ModelRecord("m", "identity", "m.json")
         loop_thread = threading.get_ident()
@@ -129,8 +130,8 @@ class RowModel(LoadedModel):
 
 
 def plane_for(model: LoadedModel, executor: ThreadPoolExecutor, **kw) -> DataPlane:
-    cache = ModelCache(1000, OneModelLoader(model))  # type: ignore[arg-type]
-    return DataPlane(registry=None, cache=cache, metrics=Metrics(),  # type: ignore[arg-type]
+    cache = ModelCache(1000, OneModelLoader(model))
+    return DataPlane(registry=in_memory_registry(), cache=cache, metrics=Metrics(),
                      executor=executor, load_timeout=10, **kw)
 
 

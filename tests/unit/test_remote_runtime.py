@@ -17,18 +17,15 @@ from tritonclient.grpc import service_pb2 as pb
 from modelmesh import codec
 from modelmesh.errors import InvalidArgument, ModelLoadFailed
 from modelmesh.registry.records import ModelRecord
-from modelmesh.runtimes.remote import (
-    MARKER,
-    RepositoryRuntimeLoader,
-    RuntimeAddress,
-    RuntimeBinding,
-    _forward_metadata,
-    _varint,
-    with_string_field,
-)
-from modelmesh.settings import Settings, from_sources
-from modelmesh.storage import LocalModelLoader
+from modelmesh.runtimes.loader import EmbeddedLoader
+from modelmesh.runtimes.remote import RepositoryRuntimeLoader, RuntimeBinding
+from modelmesh.runtimes.remote.model import _forward_metadata
+from modelmesh.runtimes.remote.repository import MARKER
+from modelmesh.settings import RuntimeAddress, Settings, from_sources
+from modelmesh.storage import ModelFiles
 from modelmesh.tensor import Tensor
+from modelmesh.wire import varint as _varint
+from modelmesh.wire import with_string_field
 
 
 def full_request(model_name: str) -> pb.ModelInferRequest:
@@ -166,7 +163,7 @@ def models(tmp_path) -> Path:
 def repo_loader(kind: str, repository: Path, models: Path) -> RepositoryRuntimeLoader:
     # The channel connects lazily: no server is needed to write files.
     return RepositoryRuntimeLoader(RuntimeAddress.parse(f"{kind}:127.0.0.1:1"), repository,
-                                   LocalModelLoader(models))
+                                   EmbeddedLoader(ModelFiles(models)))
 
 
 def test_mlserver_layout(tmp_path, models):

@@ -18,10 +18,11 @@ from hypothesis import strategies as st
 
 from modelmesh.errors import InvalidArgument, StorageError
 from modelmesh.registry.records import ModelRecord
+from modelmesh.runtimes.loader import EmbeddedLoader
 from modelmesh.settings import Settings, from_sources
 from modelmesh.storage import (
     DiskCache,
-    LocalModelLoader,
+    ModelFiles,
     Puller,
     StorageConfigs,
     check_model_location,
@@ -446,7 +447,7 @@ def test_loader_pulls_remote_and_reads_local(tmp_path, http_root, demo_models, m
     root, base, _server = http_root
     identity = demo_models["identity"]
     (root / "echo.json").write_bytes((models_root / identity.path).read_bytes())
-    loader = LocalModelLoader(models_root, _puller(tmp_path))
+    loader = EmbeddedLoader(ModelFiles(models_root, _puller(tmp_path)))
     remote = ModelRecord("r", "identity", f"{base}/echo.json")
     local = ModelRecord("l", "identity", str(identity.path))
     assert loader.predict_size(remote) >= 1  # from the HEAD's Content-Length
@@ -455,4 +456,4 @@ def test_loader_pulls_remote_and_reads_local(tmp_path, http_root, demo_models, m
     # once on disk, the runtime's own estimate is used
     assert loader.predict_size(remote) == loader.predict_size(local)
     with pytest.raises(StorageError, match="this loader has no storage configured"):
-        LocalModelLoader(models_root).load(remote)
+        EmbeddedLoader(ModelFiles(models_root)).load(remote)

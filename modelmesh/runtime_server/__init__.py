@@ -25,8 +25,9 @@ What the runtime decides and what it leaves to the mesh:
 - a request names its model in the ``mm-model-id`` header (as ModelMesh sends
   it) or else in ``model_name``; a model that is not loaded is ``NOT_FOUND``.
 
-This module holds the command's flags and settings and stays light to import
-(the CLI builds its parser from it); the server is ``modelmesh.runtimes.server``.
+This module holds the command's flags and stays light to import (the CLI
+builds its parser from it); the settings are in ``settings``, the runtime's
+table of models in ``models``, the servicers and the gRPC server in ``server``.
 """
 
 from __future__ import annotations
@@ -36,37 +37,16 @@ import asyncio
 import logging
 import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+from modelmesh.runtime_server.settings import RuntimeServerSettings
 from modelmesh.units import parse_bytes, parse_duration
 
-
-@dataclass(frozen=True)
-class RuntimeServerSettings:
-    """The runtime server's settings (flags of ``modelmesh runtime``)."""
-
-    listen: str = "127.0.0.1:8085"
-    capacity: int = parse_bytes("1GiB")
-    models_root: Path = Path("models")
-    max_concurrent_loads: int = 2
-    load_timeout: float = 120.0
-    default_model_size: int = parse_bytes("1MiB")
-    inference_threads: int = 0
-    max_message_bytes: int = parse_bytes("16MiB")
-    torch_device: str = ""
-    log_level: str = "INFO"
-
-    def __post_init__(self) -> None:
-        if self.capacity <= 0:
-            raise ValueError("--capacity must be positive")
-        if self.max_concurrent_loads < 1:
-            raise ValueError("--max-concurrent-loads must be at least 1")
-        if self.load_timeout <= 0:
-            raise ValueError("--load-timeout must be positive")
+__all__ = ["RuntimeServerSettings", "add_arguments", "main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``modelmesh runtime`` (defaults: ``RuntimeServerSettings``)."""
     d = RuntimeServerSettings()
     parser.add_argument("--listen", default=d.listen,
                         help="unix:/path/to/socket or HOST:PORT (port 0: any free port)")
@@ -107,7 +87,8 @@ def main(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def serve() -> int:
-        from modelmesh.runtimes.server import RuntimeServer
+        # Here, not at the top: the CLI imports this module to build its parser.
+        from modelmesh.runtime_server.server import RuntimeServer
 
         server = RuntimeServer(settings)
         stop = asyncio.Event()

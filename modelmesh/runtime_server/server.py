@@ -1,9 +1,10 @@
-"""The gRPC server behind ``modelmesh runtime`` (flags and settings: ``modelmesh.runtime_server``).
+"""The gRPC server behind ``modelmesh runtime`` (flags: ``modelmesh.runtime_server``).
 
-``LoadedModels`` is the runtime's table of models; ``ModelRuntimeServicer``
-answers the mesh's runtime SPI calls and ``RuntimeInferenceServicer`` the V2
-inference calls; ``RuntimeServer`` binds them to one gRPC server and owns its
-lifetime. The rules they keep are in ``modelmesh.runtime_server``'s docstring.
+``ModelRuntimeServicer`` answers the mesh's runtime SPI calls and
+``RuntimeInferenceServicer`` the V2 inference calls, both on the runtime's
+``LoadedModels`` (``models``); ``RuntimeServer`` binds them to one gRPC server
+and owns its lifetime. The rules they keep are in ``modelmesh.runtime_server``'s
+docstring.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
@@ -23,157 +22,16 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from modelmesh import __version__, codec
 from modelmesh._proto.mmesh import model_runtime_pb2 as rt
 from modelmesh._proto.mmesh import model_runtime_pb2_grpc as rt_grpc
-from modelmesh.api.errors import grpc_errors, metadata_value
+from modelmesh.api.status import grpc_code, grpc_errors, status_of
 from modelmesh.batching import PredictionRunner
 from modelmesh.errors import InvalidArgument, MeshError, ModelLoadFailed, Unavailable
 from modelmesh.registry.records import ModelRecord
-from modelmesh.runtimes.base import LoadedModel
-from modelmesh.storage import LocalModelLoader
-
-if TYPE_CHECKING:
-    from modelmesh.runtime_server import RuntimeServerSettings
+from modelmesh.routing.headers import MODEL_ID, metadata_value
+from modelmesh.runtime_server.models import LoadedModels
+from modelmesh.runtime_server.settings import RuntimeServerSettings
+from modelmesh.runtimes import get_runtime
 
 log = logging.getLogger(__name__)
-
-
-class NotLoaded(MeshError):
-    code = grpc.StatusCode.NOT_FOUND
-
-    def __init__(self, model_id: str) -> None:
-        super().__init__(f"model '{model_id}' is not loaded in this runtime")
-
-
-# --------------------------------------------------------------------------- the models
-
-
-class _Slot:
-    __slots__ = ("model_id", "task", "model", "in_use", "unload_requested")
-
-    def __init__(self, model_id: str) -> None:
-        self.model_id = model_id
-        self.task: asyncio.Task[LoadedModel] | None = None
-        self.model: LoadedModel | None = None
-        self.in_use = 0
-        self.unload_requested = False
-
-
-class LoadedModels:
-    """The runtime's models: single-flight loads, bounded concurrency, no eviction."""
-
-    def __init__(self, settings: RuntimeServerSettings, executor: ThreadPoolExecutor) -> None:
-        self.settings = settings
-        self.loader = LocalModelLoader(settings.models_root)
-        self._executor = executor
-        self._slots: dict[str, _Slot] = {}
-        self._load_slots = asyncio.Semaphore(settings.max_concurrent_loads)
-
-    @property
-    def used_bytes(self) -> int:
-        return sum(s.model.size_bytes for s in self._slots.values() if s.model is not None)
-
-    def loaded(self) -> list[tuple[str, LoadedModel]]:
-        return [(i, s.model) for i, s in self._slots.items() if s.model is not None]
-
-    async def load(self, record: ModelRecord) -> LoadedModel:
-        """Load ``record`` (or join the load under way); the loaded model."""
-        slot = self._slots.get(record.model_id)
-        if slot is None or slot.unload_requested:
-            slot = self._slots[record.model_id] = _Slot(record.model_id)
-            slot.task = asyncio.get_running_loop().create_task(
-                self._load(slot, record), name=f"load:{record.model_id}")
-            # Its failure is reported to the callers waiting; none may be left to see it.
-            slot.task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        if slot.model is not None:
-            return slot.model
-        assert slot.task is not None
-        try:
-            return await asyncio.wait_for(asyncio.shield(slot.task), self.settings.load_timeout)
-        except TimeoutError:
-            self._forget(slot)
-            raise ModelLoadFailed(
-                record.model_id, f"did not load within {self.settings.load_timeout:g}s"
-            ) from None
-
-    async def _load(self, slot: _Slot, record: ModelRecord) -> LoadedModel:
-        loop = asyncio.get_running_loop()
-        try:
-            async with self._load_slots:
-                if slot.unload_requested:
-                    raise ModelLoadFailed(record.model_id, "unloaded while queued to load")
-                started = time.perf_counter()
-                model = await loop.run_in_executor(self._executor, self.loader.load, record)
-        except MeshError as exc:
-            self._forget(slot)
-            if isinstance(exc, ModelLoadFailed):
-                log.warning("model failed to load: %s: %s", record.model_id, exc.reason)
-            raise
-        except Exception as exc:  # the format's library: report it as the load's failure
-            self._forget(slot)
-            reason = f"{type(exc).__name__}: {exc}"
-            log.warning("model failed to load: %s: %s", record.model_id, reason)
-            raise ModelLoadFailed(record.model_id, reason) from exc
-        if slot.unload_requested or self._slots.get(record.model_id) is not slot:
-            # unloadModel came while loading: the model must not stay loaded.
-            loop.run_in_executor(self._executor, model.unload)
-            raise ModelLoadFailed(record.model_id, "unloaded while loading")
-        slot.model = model
-        log.info("model loaded: %s (%d bytes, %.0f ms)", record.model_id, model.size_bytes,
-                 (time.perf_counter() - started) * 1000)
-        if self.used_bytes > self.settings.capacity:
-            log.warning("models use %d bytes, over this runtime's capacity of %d",
-                        self.used_bytes, self.settings.capacity)
-        return model
-
-    def _forget(self, slot: _Slot) -> None:
-        slot.unload_requested = True
-        if self._slots.get(slot.model_id) is slot:
-            del self._slots[slot.model_id]
-
-    def unload(self, model_id: str) -> None:
-        """Unload now, or when the requests using it finish; a load under way is dropped."""
-        slot = self._slots.pop(model_id, None)
-        if slot is None:
-            return
-        slot.unload_requested = True
-        if slot.model is not None and slot.in_use == 0:
-            self._release_model(slot)
-
-    def _release_model(self, slot: _Slot) -> None:
-        model, slot.model = slot.model, None
-        if model is not None:
-            self._executor.submit(model.unload)
-            log.info("model unloaded: %s", slot.model_id)
-
-    def unload_all(self) -> int:
-        ids = list(self._slots)
-        for model_id in ids:
-            self.unload(model_id)
-        return len(ids)
-
-    def size(self, model_id: str) -> int:
-        slot = self._slots.get(model_id)
-        if slot is None or slot.model is None:
-            raise NotLoaded(model_id)
-        return int(slot.model.size_bytes)
-
-    def acquire(self, model_id: str) -> _Slot:
-        slot = self._slots.get(model_id)
-        if slot is None or slot.model is None:
-            raise NotLoaded(model_id)
-        slot.in_use += 1
-        return slot
-
-    def release(self, slot: _Slot) -> None:
-        slot.in_use -= 1
-        if slot.in_use == 0 and slot.unload_requested:
-            self._release_model(slot)
-
-    async def close(self) -> None:
-        tasks = [s.task for s in self._slots.values() if s.task is not None and not s.task.done()]
-        self.unload_all()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # --------------------------------------------------------------------------- servicers
@@ -204,7 +62,8 @@ class ModelRuntimeServicer(rt_grpc.ModelRuntimeServicer):
         except ModelLoadFailed as exc:  # the reason alone: the mesh adds the model id
             await context.abort(grpc.StatusCode.INTERNAL, exc.reason)
         except MeshError as exc:
-            await context.abort(exc.code, exc.message)
+            code, message = status_of(exc)
+            await context.abort(grpc_code(code), message)
         return rt.LoadModelResponse(sizeInBytes=max(int(model.size_bytes), 1))
 
     @grpc_errors("unloadModel")
@@ -256,7 +115,7 @@ class RuntimeInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.ready = False
 
     def _model_id(self, name: str, context: grpc.aio.ServicerContext) -> str:
-        model_id = metadata_value(context, "mm-model-id") or name
+        model_id = metadata_value(context, MODEL_ID) or name
         if not model_id:
             raise InvalidArgument("no model named: set model_name or the mm-model-id header")
         return model_id
@@ -336,8 +195,6 @@ class RuntimeServer:
     async def start(self) -> None:
         s = self.settings
         if s.torch_device:
-            from modelmesh.runtimes import get_runtime
-
             get_runtime("torchscript").device = s.torch_device  # type: ignore[attr-defined]
         threads = s.inference_threads or 2 * (os.cpu_count() or 1)
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rt-infer")

@@ -1,0 +1,205 @@
+"""This instance's presence in etcd: its lease, its instance record, its copy records.
+
+- The lease (``--lease-ttl``) is kept alive; when it expires anyway (etcd was
+  unreachable for longer) a new one is granted and everything republished.
+- The instance record (capacity, used bytes, load, shutting down) is bound to
+  the lease and republished when it changes, coalesced briefly under churn
+  since placement elsewhere reads used bytes from it.
+- Copy records follow the cache's events (loading, loaded, failed, unloaded),
+  are bound to the lease and written by one publisher task, so a dead
+  instance's copies vanish with its lease.
+- A model's measured size and its use at eviction are written back to the
+  model record (placement elsewhere values unloaded models by them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+from modelmesh import __version__
+from modelmesh.cache.local import CacheEvent, EventKind, ModelCache, UnloadReason
+from modelmesh.errors import MeshError, Unavailable
+from modelmesh.metrics import Metrics
+from modelmesh.node import Node, Spawn
+from modelmesh.registry.etcd import EtcdClient
+from modelmesh.registry.records import CopyRecord, CopyState, InstanceRecord
+from modelmesh.registry.store import Registry, now_ms
+
+log = logging.getLogger(__name__)
+
+#: Shortest gap between two instance records (coalesces bursts of cache events).
+INSTANCE_MIN_GAP_S = 0.02
+#: The instance record is refreshed at least this often (load figures drift).
+INSTANCE_REFRESH_S = 5.0
+
+
+class Membership:
+    """Publishes what etcd must know about this instance. ``start`` once the port is known."""
+
+    def __init__(self, node: Node, registry: Registry, client: EtcdClient, cache: ModelCache,
+                 metrics: Metrics, spawn: Spawn, *, lease_ttl: float, loading_slots: int,
+                 labels: Mapping[str, str], request_rate: Callable[[], float]) -> None:
+        self.node = node
+        self.registry = registry
+        self.client = client
+        self.cache = cache
+        self.metrics = metrics
+        self.spawn = spawn
+        self.lease_ttl = max(int(lease_ttl), 2)
+        self.loading_slots = loading_slots
+        self.labels = dict(labels)
+        self.request_rate = request_rate
+        self.endpoint = ""
+        self._copies: dict[str, CopyRecord | None] = {}  # desired copy records, by model
+        self._dirty: set[str] = set()
+        self._publish = asyncio.Event()
+        self._instance_dirty = asyncio.Event()
+        self._started_ms = now_ms()
+
+    async def start(self, endpoint: str) -> None:
+        """Take a lease, publish the instance record, and keep both up to date."""
+        self.endpoint = endpoint
+        self.node.lease = await self.client.lease_grant(self.lease_ttl)
+        await self.publish_instance()
+        self.spawn(self._keepalive(), "lease-keepalive")
+        self.spawn(self._publish_copies(), "copy-publisher")
+        self.spawn(self._refresh_instance(), "instance-refresh")
+
+    async def leave(self, timeout: float = 3.0) -> None:
+        """Revoke the lease: drops the instance record and copies at once (else they expire)."""
+        if not self.node.lease:
+            return
+        try:
+            await asyncio.wait_for(self.client.lease_revoke(self.node.lease), timeout)
+        except (MeshError, TimeoutError) as exc:
+            log.warning("could not revoke lease on shutdown: %s", exc or "timed out")
+
+    # -- the instance record -----------------------------------------------------------
+
+    def instance_record(self) -> InstanceRecord:
+        mem = self.cache.memory()
+        node = self.node
+        return InstanceRecord(
+            instance_id=node.instance_id, endpoint=self.endpoint,
+            capacity_bytes=self.cache.capacity_bytes, used_bytes=self.cache.used_bytes,
+            model_count=self.cache.loaded_count, loading_count=self.cache.loading_count,
+            loading_slots=self.loading_slots, concurrency=node.concurrency,
+            pinned_bytes=mem.pinned_bytes,
+            min_priority=round(mem.min_priority, 6) if mem.min_priority is not None else None,
+            lru_time_ms=int(mem.lru_time * 1000) if mem.lru_time else 0,
+            requests_per_minute=round(self.request_rate() * 60, 1),
+            in_flight=node.in_flight[node.instance_id],
+            labels=self.labels, shutting_down=node.draining or node.stopping,
+            version=__version__, started_ms=self._started_ms,
+        )
+
+    async def publish_instance(self) -> None:
+        """Write the instance record now."""
+        await self.registry.put_instance(self.instance_record(), self.node.lease)
+
+    async def _refresh_instance(self) -> None:
+        last: InstanceRecord | None = None
+        while True:
+            try:
+                await asyncio.wait_for(self._instance_dirty.wait(), INSTANCE_REFRESH_S)
+            except TimeoutError:
+                pass
+            self._instance_dirty.clear()
+            rec = self.instance_record()
+            self.metrics.registered_models.set(len(self.registry.models))
+            lru = self.cache.lru_time()
+            self.metrics.lru_age_seconds.set(time.monotonic() - lru if lru else 0)
+            if last is not None and rec == last:
+                continue
+            try:
+                await self.registry.put_instance(rec, self.node.lease)
+                last = rec
+            except Unavailable:
+                await asyncio.sleep(1.0)
+            # Under churn every load and eviction marks the record dirty: coalesce
+            # bursts, but briefly, since placement elsewhere reads used bytes from it.
+            await asyncio.sleep(INSTANCE_MIN_GAP_S)
+
+    async def _keepalive(self) -> None:
+        """Keep the lease alive; after losing it (etcd down too long) re-create and republish."""
+        interval = max(self.lease_ttl / 3, 0.5)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                ttl = await self.client.lease_keepalive_once(self.node.lease)
+                if ttl > 0:
+                    continue
+                log.warning("etcd lease %x expired; re-registering this instance", self.node.lease)
+                self.node.lease = await self.client.lease_grant(self.lease_ttl)
+                await self.publish_instance()
+                for model_id in list(self._copies):
+                    self._dirty.add(model_id)
+                self._publish.set()
+            except Unavailable as exc:
+                log.debug("lease keep-alive: %s", exc)
+
+    # -- copy records ------------------------------------------------------------------
+
+    def on_cache_event(self, ev: CacheEvent) -> None:
+        """The cache changed: update this instance's copy record of the model."""
+        me = self.node.instance_id
+        rec: CopyRecord | None
+        if ev.kind is EventKind.LOADING:
+            rec = CopyRecord(ev.model_id, me, CopyState.LOADING, updated_ms=now_ms())
+        elif ev.kind is EventKind.LOADED:
+            rec = CopyRecord(ev.model_id, me, CopyState.LOADED, ev.size_bytes, int(ev.load_ms),
+                             updated_ms=now_ms())
+            known = self.registry.models.get(ev.model_id)
+            if known is not None and abs(known.size_estimate - ev.size_bytes) > \
+                    0.1 * ev.size_bytes:
+                self.spawn(self._record_use(ev.model_id, 0, 0.0, ev.size_bytes), "record-size")
+        elif ev.kind is EventKind.FAILED:
+            rec = CopyRecord(ev.model_id, me, CopyState.FAILED, error=ev.error,
+                             updated_ms=now_ms())
+        else:
+            rec = None
+            usage = self.cache.usage.get(ev.model_id)
+            if ev.reason is UnloadReason.EVICTED and usage is not None and usage.last_used:
+                self.spawn(self._record_use(ev.model_id, usage.last_used, usage.rate),
+                           "record-use")
+        self._copies[ev.model_id] = rec
+        self._dirty.add(ev.model_id)
+        self._publish.set()
+        self._instance_dirty.set()
+
+    def republish_copy(self, model_id: str, request_rate: float) -> None:
+        """Publish the copy record again with a new request rate."""
+        rec = self._copies.get(model_id)
+        if rec is None:
+            return
+        self._copies[model_id] = dataclasses.replace(rec, request_rate=round(request_rate, 3))
+        self._dirty.add(model_id)
+        self._publish.set()
+
+    async def _record_use(self, model_id: str, last_used: float, rate: float,
+                          size: int = 0) -> None:
+        try:
+            await self.registry.record_use(model_id, int(last_used * 1000), rate, size)
+        except MeshError as exc:
+            log.debug("could not record use of %s: %s", model_id, exc)
+
+    async def _publish_copies(self) -> None:
+        while True:
+            await self._publish.wait()
+            self._publish.clear()
+            while self._dirty:
+                model_id = self._dirty.pop()
+                rec = self._copies.get(model_id)
+                try:
+                    if rec is None:
+                        self._copies.pop(model_id, None)
+                        await self.registry.delete_copy(model_id, self.node.instance_id)
+                    else:
+                        await self.registry.put_copy(rec, self.node.lease)
+                except Unavailable:
+                    self._dirty.add(model_id)
+                    await asyncio.sleep(0.5)

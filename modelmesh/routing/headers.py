@@ -1,0 +1,82 @@
+"""The mesh's gRPC header names and paths, and ``CallInfo``: what a call's metadata says.
+
+Clients address a model with ``mm-model-id`` / ``mm-vmodel-id`` and may ask for
+``mm-balanced``; instances add ``mm-hops`` and ``mm-load-here`` when they
+forward, and answer errors with ``mm-instance`` (and ``mm-reject`` when they
+refuse the work) in the trailing metadata. Management calls read ``mm-replace``
+and the copy limits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+
+#: Set between instances (never passed on from clients).
+HOPS, LOAD_HERE = "mm-hops", "mm-load-here"
+#: Trailing metadata of an instance's error answers.
+INSTANCE, REJECT = "mm-instance", "mm-reject"
+#: Set by clients.
+BALANCED, MODEL_ID, VMODEL_ID = "mm-balanced", "mm-model-id", "mm-vmodel-id"
+#: registerModel options.
+REPLACE, MIN_COPIES, MAX_COPIES = "mm-replace", "mm-min-copies", "mm-max-copies"
+
+#: The methods one instance calls on another.
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+METADATA = "/inference.GRPCInferenceService/ModelMetadata"
+ENSURE_LOADED = "/mmesh.ModelMesh/ensureLoaded"
+
+_NOT_FORWARDED = frozenset({HOPS, LOAD_HERE, "user-agent", "content-type", "te", "host"})
+
+Metadata = list[tuple[str, str | bytes]]
+
+
+@dataclass(slots=True)
+class CallInfo:
+    """What the router needs from one incoming call's metadata and deadline."""
+
+    hops: int = 0
+    load_here: bool = False
+    balanced: bool = False
+    model_id: str = ""  # mm-model-id
+    vmodel_id: str = ""  # mm-vmodel-id
+    #: The client's metadata to pass on when the call is forwarded.
+    metadata: Metadata = field(default_factory=list)
+    timeout: float | None = None
+
+    @classmethod
+    def from_context(cls, context: grpc.aio.ServicerContext) -> CallInfo:
+        info = cls(timeout=context.time_remaining())
+        for k, v in context.invocation_metadata() or ():
+            if k == HOPS:
+                try:
+                    info.hops = int(v)
+                except (TypeError, ValueError):
+                    info.hops = 1
+            elif k == LOAD_HERE:
+                info.load_here = True
+            elif k == BALANCED:
+                info.balanced = str(v).strip().lower() in ("1", "true", "yes")
+                info.metadata.append((k, v))
+            elif k == MODEL_ID:
+                info.model_id = str(v)
+            elif k == VMODEL_ID:
+                info.vmodel_id = str(v)
+                info.metadata.append((k, v))
+            elif k[0] != ":" and not k.startswith("grpc-") and k not in _NOT_FORWARDED:
+                info.metadata.append((k, v))
+        return info
+
+
+def metadata_values(context: grpc.aio.ServicerContext, *keys: str) -> list[str]:
+    """The values of ``keys`` in the call's metadata ("" where absent), in one pass."""
+    found = dict.fromkeys(keys, "")
+    for k, v in context.invocation_metadata() or ():
+        if k in found:
+            found[k] = v if isinstance(v, str) else v.decode()
+    return [found[k] for k in keys]
+
+
+def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str:
+    return metadata_values(context, key)[0]

@@ -1,0 +1,34 @@
+"""The embedded loader: a model's files (``modelmesh.storage``) read by its format's runtime.
+
+This is the cache's ``ModelLoader`` when models run in the mesh process, and
+the runtime server's loader (``modelmesh runtime``).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from modelmesh.registry.records import ModelRecord
+from modelmesh.runtimes import get_runtime
+from modelmesh.runtimes.base import LoadedModel
+from modelmesh.storage import ModelFiles
+
+
+class EmbeddedLoader:
+    """Loads models in this process: files from ``files``, formats from ``modelmesh.runtimes``."""
+
+    def __init__(self, files: ModelFiles) -> None:
+        self.files = files
+
+    def local_files(self, record: ModelRecord) -> AbstractContextManager[Path]:
+        """The model's files on local disk for the duration of a ``with`` block."""
+        return self.files.local_files(record)
+
+    def predict_size(self, record: ModelRecord) -> int:
+        return self.files.predict_size(record, get_runtime(record.model_type).predict_size)
+
+    def load(self, record: ModelRecord) -> LoadedModel:
+        runtime = get_runtime(record.model_type)
+        with self.files.local_files(record) as path:
+            return runtime.load(path, record.model_id)
