@@ -4,8 +4,9 @@
 lists over the same workload and writes a side-by-side report. Modules:
 ``config`` (YAML format and validation), ``workload`` (the models),
 ``traces`` (generators and CSV replay), ``engine`` (the discrete-event
-simulator), ``optimal`` (offline optimum and bound), ``metrics``, ``report``
-and ``cli``. See simulations/README.md.
+simulator's loop), ``cluster`` (its instances, pools, copies and snapshots),
+``faults`` (crashes, restarts, load failures), ``optimal`` (offline optimum
+and bound), ``metrics``, ``report`` and ``cli``. See simulations/README.md.
 """
 
 from simulations.cli import main

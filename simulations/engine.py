@@ -27,15 +27,22 @@ How placement is driven
 Events are ordered by time; the trace drives the clock, and load
 completions, ticks and instance crashes/restarts are processed in between.
 The run is deterministic for a config's seed.
+
+Where it lives
+    This module is the event loop: ``Simulator.run`` and the request path
+    (route, miss, retry, serve), load completions, ticks and rebalancing, and
+    the result. The cluster's books (instances, pools, copies, eviction,
+    snapshots for placement, invariants) are ``simulations.cluster.Cluster``;
+    crashes, restarts and load failures are ``simulations.faults``.
+    ``Simulator`` extends both, so the loop reaches the state as plain
+    attributes of ``self``.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-import random
 import time as wallclock
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,30 +53,19 @@ from placement import (
     RATE_HALF_LIFE_S,
     REUSE_GAP_S,
     AddCopy,
-    CachedModel,
-    ClusterSnapshot,
-    CopySnapshot,
-    CopyState,
-    Device,
-    InstanceCache,
-    InstanceSnapshot,
-    Memory,
-    ModelSnapshot,
     Policy,
     RemoveCopy,
     decayed_rate,
 )
+from simulations.cluster import EV_DOWN, EV_LOAD_DONE, LOADED, Copy, Instance
 from simulations.config import SimulationConfig
+from simulations.faults import FaultyCluster
 from simulations.traces import Trace
 from simulations.workload import ModelTable
 
 HIT, COLD, FAILED = 0, 1, 2
-_LOADING, _LOADED = 0, 1
-_EV_LOAD_DONE, _EV_DOWN, _EV_UP = 0, 1, 2
 _DECAY = math.log(2.0) / RATE_HALF_LIFE_S
 _RATE_PER_REQUEST = _DECAY  # see placement.usage.rate_after_request
-_FAILURE_EXPIRY_S = 900.0  # ModelMesh's LOAD_FAILURE_EXPIRY_MS
-_NO_MEMORY = Memory()
 
 
 @dataclass
@@ -85,104 +81,7 @@ class RunResult:
     memory_curve: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
 
-class _Copy:
-    __slots__ = (
-        "inst",
-        "m",
-        "state",
-        "since",
-        "priority",
-        "last_used",
-        "hits",
-        "busy_until",
-        "waiters",
-        "window",
-        "rate",
-        "gone",
-    )
-
-    def __init__(self, inst: _Instance, m: int, now: float, priority: float, last_used: float):
-        self.inst = inst
-        self.m = m
-        self.state = _LOADING
-        self.since = now
-        self.priority = priority
-        self.last_used = last_used
-        self.hits = 0
-        self.busy_until = 0.0
-        self.waiters: list[tuple[int, float, float]] = []
-        self.window = 0
-        self.rate = 0.0
-        self.gone = False
-
-
-class _Pool:
-    __slots__ = ("device", "capacity", "used", "loading_bytes", "heap", "lru", "clock")
-
-    def __init__(self, device: Device, capacity: int) -> None:
-        self.device = device
-        self.capacity = capacity
-        self.used = 0
-        self.loading_bytes = 0
-        self.heap: list[tuple[float, str, int]] = []
-        self.lru: OrderedDict[int, float] = OrderedDict()
-        self.clock = 0.0
-
-    def reset(self) -> None:
-        self.used = 0
-        self.loading_bytes = 0
-        self.heap = []
-        self.lru = OrderedDict()
-        self.clock = 0.0
-
-
-class _Instance:
-    __slots__ = (
-        "idx",
-        "iid",
-        "alive",
-        "pools",
-        "slots",
-        "lslots",
-        "loading",
-        "window",
-        "rate",
-        "snap",
-        "dirty",
-        "copies",
-        "concurrency",
-        "loading_slots",
-    )
-
-    def __init__(self, idx: int, iid: str, cpu: int, gpu: int, conc: int, lconc: int) -> None:
-        self.idx = idx
-        self.iid = iid
-        self.alive = True
-        self.pools = (_Pool(Device.CPU, cpu), _Pool(Device.GPU, gpu))
-        self.concurrency = conc
-        self.loading_slots = lconc
-        self.slots = [0.0] * conc
-        self.lslots = [0.0] * lconc
-        self.loading = 0
-        self.window = 0
-        self.rate = 0.0
-        self.snap: InstanceSnapshot | None = None
-        self.dirty = True
-        self.copies: dict[int, _Copy] = {}
-
-    def restart(self) -> None:
-        for p in self.pools:
-            p.reset()
-        self.slots = [0.0] * self.concurrency
-        self.lslots = [0.0] * self.loading_slots
-        self.loading = 0
-        self.window = 0
-        self.rate = 0.0
-        self.copies = {}
-        self.dirty = True
-
-
-class Simulator:
+class Simulator(FaultyCluster):
     """Runs one policy over one workload. Use ``run()`` once."""
 
     def __init__(
@@ -196,62 +95,16 @@ class Simulator:
         progress: Callable[[int], None] | None = None,
         progress_every: int = 16384,
     ) -> None:
-        self.cfg = cfg
+        super().__init__(cfg, models)
         self.progress_every = max(1, progress_every)
         self.models = models
         self.trace = trace
         self.policy = policy
         self.label = label or policy.name
         self.progress = progress
-        n_models = len(models)
-        cl = cfg.cluster
-        self.instances = [
-            _Instance(
-                i,
-                f"i{i:03d}",
-                cl.capacity_bytes,
-                cl.gpu_capacity_bytes if i < cl.gpu_instances else 0,
-                cl.concurrency,
-                cl.loading_concurrency,
-            )
-            for i in range(cl.instances)
-        ]
-        self.by_id = {inst.iid: inst for inst in self.instances}
-        self.alive = list(self.instances)
-        self.ids = models.ids
-        self.index = {mid: i for i, mid in enumerate(models.ids)}
-        self.size = models.sizes.tolist()
-        self.dev = [1 if g else 0 for g in models.gpu.tolist()]
-        self.load_s = models.load_seconds.tolist()
-        self.svc_mean = models.service_seconds.tolist()
-        self.mean_service = float(np.mean(models.service_seconds)) or 1e-3
-        self.last_used: list[float | None] = [None] * n_models
-        self.earlier: list[float | None] = [None] * n_models
-        self.rate = [0.0] * n_models
-        self.last_removed: list[float | None] = [None] * n_models
-        self.failed_on: list[dict[int, float] | None] = [None] * n_models
-        self.copies_of: list[dict[int, _Copy]] = [{} for _ in range(n_models)]
-        self.events: list[tuple[float, int, int, Any]] = []
-        self.seq = 0
-        self.random = random.Random(cfg.seed)
-        rng = np.random.default_rng(cfg.seed + 1)
-        jit = cfg.models.load_jitter
-        self.jitter = np.exp(jit * rng.standard_normal(65536) - jit * jit / 2).tolist()
-        self.jitter_i = 0
-        self.snapshots: dict[int, ModelSnapshot] = {}
-        self.stale: set[int] = set()
         n = len(trace)
         self.outcome = np.zeros(n, dtype=np.int8)
         self.latency = np.full(n, np.nan)
-        self.counters = {
-            "loads": 0,
-            "evictions": 0,
-            "load_failures": 0,
-            "copies_added": 0,
-            "copies_removed": 0,
-            "adds_dropped": 0,
-            "instance_failures": 0,
-        }
         self.at_warmup: dict[str, int] | None = None
         self.samples: list[tuple[float, float, float, int]] = []  # t, mem use, copies/model, max
 
@@ -275,11 +128,7 @@ class Simulator:
         self.next_rebalance = (math.floor(t0 / interval) + 1) * interval if interval else math.inf
         if cfg.warmup_s <= 0:
             self.at_warmup = dict(self.counters)
-        if cfg.cluster.failures is not None:
-            for inst in self.instances:
-                self._push(
-                    t0 + self.random.expovariate(1 / cfg.cluster.failures.mtbf_s), _EV_DOWN, inst
-                )
+        self._schedule_crashes(t0)
 
         # Locals for the hot path.
         events = self.events
@@ -338,7 +187,7 @@ class Simulator:
                 else:
                     c = self._route(m, t)
                 inst = c.inst
-                if c.state == _LOADED:
+                if c.state == LOADED:
                     slots = inst.slots
                     f = slots[0]
                     end = (t if f <= t else f) + svc
@@ -386,7 +235,7 @@ class Simulator:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def _route(self, m: int, now: float) -> _Copy:
+    def _route(self, m: int, now: float) -> Copy:
         cps = self.copies_of[m]
         chosen = self.policy.route(self._model_snapshot(m, now), self._cluster(now))
         inst = self.by_id.get(chosen) if chosen is not None else None
@@ -434,12 +283,12 @@ class Simulator:
             self._miss(k, arrival, m, svc, now, ())
             return
         c = next(iter(cps.values())) if len(cps) == 1 else self._route(m, now)
-        if c.state == _LOADED:
+        if c.state == LOADED:
             self._serve(c, k, arrival, now, svc)
         else:
             c.waiters.append((k, arrival, svc))
 
-    def _serve(self, c: _Copy, k: int, arrival: float, now: float, svc: float) -> None:
+    def _serve(self, c: Copy, k: int, arrival: float, now: float, svc: float) -> None:
         slots = c.inst.slots
         f = slots[0]
         end = (now if f <= now else f) + svc
@@ -448,125 +297,15 @@ class Simulator:
         if end > c.busy_until:
             c.busy_until = end
 
-    # -- cache ------------------------------------------------------------------------------
-
-    def _add_copy(
-        self, inst: _Instance, m: int, now: float, prio: float, last_used: float
-    ) -> _Copy:
-        pool = inst.pools[self.dev[m]]
-        c = _Copy(inst, m, now, prio, last_used)
-        self.copies_of[m][inst.idx] = c
-        inst.copies[m] = c
-        size = self.size[m]
-        pool.used += size
-        pool.loading_bytes += size
-        heapq.heappush(pool.heap, (prio, self.ids[m], m))
-        lru = pool.lru
-        if lru and last_used < next(iter(lru.values())):
-            lru[m] = last_used
-            lru.move_to_end(m, last=False)
-        else:
-            lru[m] = last_used
-        inst.loading += 1
-        ls = inst.lslots
-        f = ls[0]
-        start = now if f <= now else f
-        self.jitter_i = (self.jitter_i + 1) & 65535
-        ready = start + self.load_s[m] * self.jitter[self.jitter_i]
-        heapq.heapreplace(ls, ready)
-        self._push(ready, _EV_LOAD_DONE, c)
-        self.counters["loads"] += 1
-        inst.dirty = True
-        self.stale.add(m)
-        return c
-
-    def _make_room(
-        self, inst: _Instance, pool: _Pool, size: int, now: float, below: float | None
-    ) -> bool:
-        """Evict what ``_choose_victims`` picks; False (evicting nothing) if it cannot."""
-        victims = self._choose_victims(inst, pool, size, now, below)
-        if victims is None:
-            return False
-        for c in victims:
-            if c.priority > pool.clock:
-                pool.clock = c.priority
-            self._drop_copy(c)
-            self.counters["evictions"] += 1
-        return True
-
-    def _choose_victims(
-        self, inst: _Instance, pool: _Pool, size: int, now: float, below: float | None
-    ) -> list[_Copy] | None:
-        """The copies to evict so that ``size`` bytes are free, or None if impossible.
-
-        The same choice as ``Policy.evict`` on a snapshot of the pool: copies in
-        (priority, model id) order, skipping those in use, stopping at ``below``.
-        The heap is left holding every live entry.
-        """
-        if size <= pool.capacity - pool.used:
-            return []
-        if size > pool.capacity:
-            return None
-        need = size - (pool.capacity - pool.used)
-        heap = pool.heap
-        copies = inst.copies
-        popped: list[tuple[float, str, int]] = []
-        victims: list[_Copy] = []
-        chosen: set[int] = set()
-        freed = 0
-        while heap:
-            entry = heapq.heappop(heap)
-            p, _, vm = entry
-            c = copies.get(vm)
-            if c is None or c.priority != p or vm in chosen:
-                continue  # stale entry
-            popped.append(entry)
-            if below is not None and p >= below:
-                break
-            if c.state == _LOADING or c.busy_until > now or c.waiters:
-                continue  # in use
-            victims.append(c)
-            chosen.add(vm)
-            freed += self.size[vm]
-            if freed >= need:
-                break
-        for entry in popped:
-            heapq.heappush(heap, entry)
-        return victims if freed >= need else None
-
-    def _drop_copy(self, c: _Copy) -> None:
-        inst, m = c.inst, c.m
-        pool = inst.pools[self.dev[m]]
-        del self.copies_of[m][inst.idx]
-        del inst.copies[m]
-        size = self.size[m]
-        pool.used -= size
-        pool.lru.pop(m, None)
-        if c.state == _LOADING:
-            pool.loading_bytes -= size
-            inst.loading -= 1
-        c.gone = True
-        inst.dirty = True
-        self.stale.add(m)
-
-    def _compact(self, inst: _Instance, pool: _Pool) -> None:
-        ids = self.ids
-        pool.heap = [(inst.copies[m].priority, ids[m], m) for m in pool.lru]
-        heapq.heapify(pool.heap)
-
     # -- events -----------------------------------------------------------------------------
-
-    def _push(self, at: float, kind: int, obj: Any) -> None:
-        self.seq += 1
-        heapq.heappush(self.events, (at, self.seq, kind, obj))
 
     def _events_until(self, t: float) -> None:
         events = self.events
         while events and events[0][0] <= t:
             at, _, kind, obj = heapq.heappop(events)
-            if kind == _EV_LOAD_DONE:
+            if kind == EV_LOAD_DONE:
                 self._load_done(obj, at)
-            elif kind == _EV_DOWN:
+            elif kind == EV_DOWN:
                 self._instance_down(obj, at)
             else:
                 self._instance_up(obj, at)
@@ -576,30 +315,21 @@ class Simulator:
         events = self.events
         while events:
             at, _, kind, obj = heapq.heappop(events)
-            if kind == _EV_LOAD_DONE:
+            if kind == EV_LOAD_DONE:
                 self._load_done(obj, at)
 
-    def _load_done(self, c: _Copy, now: float) -> None:
+    def _load_done(self, c: Copy, now: float) -> None:
         if c.gone:
             return
         inst, m = c.inst, c.m
         pool = inst.pools[self.dev[m]]
         rate = self.cfg.models.load_failure_rate
         if rate > 0 and self.random.random() < rate:
-            self.counters["load_failures"] += 1
-            waiters = c.waiters
-            c.waiters = []
-            self._drop_copy(c)
-            failed = self.failed_on[m]
-            if failed is None:
-                failed = self.failed_on[m] = {}
-            failed[inst.idx] = now
-            for k, arrival, svc in waiters:
-                self._retry(k, arrival, m, svc, now)
+            self._load_failed(c, now)
             return
         pool.loading_bytes -= self.size[m]
         inst.loading -= 1
-        c.state = _LOADED
+        c.state = LOADED
         inst.dirty = True
         self.stale.add(m)
         if c.waiters:
@@ -607,33 +337,6 @@ class Simulator:
             c.waiters = []
             for k, arrival, svc in waiters:
                 self._serve(c, k, arrival, now, svc)
-
-    def _instance_down(self, inst: _Instance, now: float) -> None:
-        if not inst.alive:
-            return
-        self.counters["instance_failures"] += 1
-        inst.alive = False
-        self.alive = [i for i in self.instances if i.alive]
-        stranded: list[tuple[int, float, float, int]] = []
-        for c in list(inst.copies.values()):
-            stranded += [(k, a, s, c.m) for k, a, s in c.waiters]
-            c.waiters = []
-            self._drop_copy(c)
-        inst.restart()
-        inst.alive = False
-        assert self.cfg.cluster.failures is not None
-        self._push(now + self.cfg.cluster.failures.restart_s, _EV_UP, inst)
-        for k, arrival, svc, m in stranded:
-            self._retry(k, arrival, m, svc, now)
-
-    def _instance_up(self, inst: _Instance, now: float) -> None:
-        inst.restart()
-        inst.alive = True
-        self.alive = [i for i in self.instances if i.alive]
-        assert self.cfg.cluster.failures is not None
-        self._push(
-            now + self.random.expovariate(1 / self.cfg.cluster.failures.mtbf_s), _EV_DOWN, inst
-        )
 
     # -- ticks: publishing, sampling, rebalancing --------------------------------------------
 
@@ -682,7 +385,7 @@ class Simulator:
             elif isinstance(action, RemoveCopy):
                 self._apply_remove(m, inst, now)
 
-    def _apply_add(self, action: AddCopy, m: int, inst: _Instance, now: float) -> None:
+    def _apply_add(self, action: AddCopy, m: int, inst: Instance, now: float) -> None:
         if m in inst.copies:
             return
         pool = inst.pools[self.dev[m]]
@@ -703,154 +406,16 @@ class Simulator:
         self._add_copy(inst, m, now, prio, as_of)
         self.counters["copies_added"] += 1
 
-    def _apply_remove(self, m: int, inst: _Instance, now: float) -> None:
+    def _apply_remove(self, m: int, inst: Instance, now: float) -> None:
         c = inst.copies.get(m)
-        if c is None or c.state != _LOADED or c.busy_until > now or c.waiters:
+        if c is None or c.state != LOADED or c.busy_until > now or c.waiters:
             return
-        loaded = sum(1 for x in self.copies_of[m].values() if x.state == _LOADED)
+        loaded = sum(1 for x in self.copies_of[m].values() if x.state == LOADED)
         if loaded < 2:
             return
         self._drop_copy(c)
         self.last_removed[m] = now
         self.counters["copies_removed"] += 1
-
-    # -- inspection (tests, debugging) --------------------------------------------------------
-
-    def instance_cache(self, instance_id: str, device: Device, now: float) -> InstanceCache:
-        """The pool of an instance as the ``InstanceCache`` snapshot ``Policy.evict`` takes."""
-        inst = self.by_id[instance_id]
-        pool = inst.pools[1 if device is Device.GPU else 0]
-        entries = tuple(
-            CachedModel(
-                model_id=self.ids[m],
-                size_bytes=self.size[m],
-                priority=c.priority,
-                last_used=c.last_used,
-                in_use=c.state == _LOADING or c.busy_until > now or bool(c.waiters),
-            )
-            for m, c in inst.copies.items()
-            if self.dev[m] == (1 if device is Device.GPU else 0)
-        )
-        return InstanceCache(instance_id, pool.capacity, entries, device, pool.clock)
-
-    def victims(self, instance_id: str, device: Device, size: int, now: float) -> list[str] | None:
-        """The models the simulator would evict to free ``size`` bytes (nothing is evicted)."""
-        inst = self.by_id[instance_id]
-        pool = inst.pools[1 if device is Device.GPU else 0]
-        chosen = self._choose_victims(inst, pool, size, now, None)
-        return None if chosen is None else [self.ids[c.m] for c in chosen]
-
-    def check_invariants(self) -> None:
-        """Raise AssertionError if the simulated cluster's books do not balance."""
-        for inst in self.instances:
-            for d, pool in enumerate(inst.pools):
-                mine = [c for m, c in inst.copies.items() if self.dev[m] == d]
-                used = sum(self.size[c.m] for c in mine)
-                loading = sum(self.size[c.m] for c in mine if c.state == _LOADING)
-                assert pool.used == used, f"{inst.iid}: used {pool.used} != {used}"
-                assert pool.used <= pool.capacity, f"{inst.iid} over capacity"
-                assert pool.loading_bytes == loading, f"{inst.iid}: loading bytes"
-                assert set(pool.lru) == {c.m for c in mine}, f"{inst.iid}: lru set"
-            assert inst.loading == sum(1 for c in inst.copies.values() if c.state == _LOADING)
-            if not inst.alive:
-                assert not inst.copies, f"{inst.iid} is down but holds copies"
-            for m, c in inst.copies.items():
-                assert self.copies_of[m].get(inst.idx) is c, f"{inst.iid}: copy map"
-        for m, cps in enumerate(self.copies_of):
-            for i, c in cps.items():
-                assert self.instances[i].copies.get(m) is c and not c.gone
-
-    # -- snapshots --------------------------------------------------------------------------
-
-    def _cluster(self, now: float) -> ClusterSnapshot:
-        snaps = []
-        for inst in self.alive:
-            if inst.dirty or inst.snap is None:
-                inst.snap = self._instance_snapshot(inst, now)
-                inst.dirty = False
-            snaps.append(inst.snap)
-        return ClusterSnapshot(tuple(snaps), now)
-
-    def _memory(self, inst: _Instance, pool: _Pool) -> Memory:
-        if pool.capacity == 0:
-            return _NO_MEMORY
-        heap = pool.heap
-        copies = inst.copies
-        while heap:
-            p, _, m = heap[0]
-            c = copies.get(m)
-            if c is not None and c.priority == p:
-                break
-            heapq.heappop(heap)
-        lru = pool.lru
-        return Memory(
-            capacity_bytes=pool.capacity,
-            used_bytes=pool.used,
-            pinned_bytes=pool.loading_bytes,
-            lru_time=next(iter(lru.values())) if lru else None,
-            min_priority=heap[0][0] if heap else None,
-        )
-
-    def _in_flight(self, inst: _Instance, now: float) -> int:
-        work = 0.0
-        for s in inst.slots:
-            if s > now:
-                work += s - now
-        return math.ceil(work / self.mean_service) if work else 0
-
-    def _instance_snapshot(self, inst: _Instance, now: float) -> InstanceSnapshot:
-        cpu, gpu = inst.pools
-        return InstanceSnapshot(
-            instance_id=inst.iid,
-            cpu=self._memory(inst, cpu),
-            gpu=self._memory(inst, gpu),
-            model_count=len(inst.copies),
-            loading=inst.loading,
-            loading_slots=inst.loading_slots,
-            in_flight=self._in_flight(inst, now),
-            concurrency=inst.concurrency,
-            request_rate=inst.rate,
-        )
-
-    def _model_snapshot(self, m: int, now: float) -> ModelSnapshot:
-        copies = tuple(
-            CopySnapshot(
-                instance_id=c.inst.iid,
-                state=CopyState.LOADED if c.state == _LOADED else CopyState.LOADING,
-                since=c.since,
-                last_used=c.last_used,
-                in_flight=self._in_flight(c.inst, now),
-                request_rate=c.rate,
-            )
-            for c in self.copies_of[m].values()
-        )
-        failed = self.failed_on[m]
-        failed_on: frozenset[str] = frozenset()
-        if failed:
-            for i, at in list(failed.items()):
-                if now - at > _FAILURE_EXPIRY_S:
-                    del failed[i]
-            failed_on = frozenset(self.instances[i].iid for i in failed)
-        return ModelSnapshot(
-            model_id=self.ids[m],
-            size_bytes=self.size[m],
-            device=Device.GPU if self.dev[m] else Device.CPU,
-            copies=copies,
-            last_used=self.last_used[m],
-            earlier_use=self.earlier[m],
-            request_rate=self.rate[m],
-            failed_on=failed_on,
-            load_seconds=self.load_s[m],
-            service_seconds=self.svc_mean[m],
-            last_removed=self.last_removed[m],
-        )
-
-    def _model_snapshots(self, now: float) -> list[ModelSnapshot]:
-        snaps = self.snapshots
-        for m in self.stale:
-            snaps[m] = self._model_snapshot(m, now)
-        self.stale = set()
-        return list(snaps.values())
 
     # -- results ----------------------------------------------------------------------------
 
