@@ -19,6 +19,7 @@ from modelmesh._proto.mmesh import mesh_extensions_pb2 as ext
 from modelmesh._proto.mmesh import mesh_extensions_pb2_grpc as ext_grpc
 from modelmesh._proto.mmesh import model_mesh_pb2 as mm
 from modelmesh._proto.mmesh import model_mesh_pb2_grpc as mm_grpc
+from modelmesh.headers import MAX_COPIES, MIN_COPIES, REPLACE
 from modelmesh.settings import add_arguments, from_sources
 
 DEFAULT_ENDPOINT = "localhost:8033"
@@ -116,11 +117,11 @@ def _register(args: argparse.Namespace) -> int:
                                                       key=args.key or ""),
         loadNow=args.load_now, sync=args.sync,
     )
-    metadata = [("mm-replace", "true")] if args.replace else []
+    metadata = [(REPLACE, "true")] if args.replace else []
     if args.min_copies:
-        metadata.append(("mm-min-copies", str(args.min_copies)))
+        metadata.append((MIN_COPIES, str(args.min_copies)))
     if args.max_copies:
-        metadata.append(("mm-max-copies", str(args.max_copies)))
+        metadata.append((MAX_COPIES, str(args.max_copies)))
     try:
         info = stub.registerModel(req, metadata=metadata, timeout=args.timeout)
     except grpc.RpcError as exc:

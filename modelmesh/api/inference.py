@@ -21,12 +21,7 @@ from modelmesh.api.status import grpc_errors
 from modelmesh.cache.local import ModelCache, UnloadReason
 from modelmesh.dataplane import DataPlane, Duration
 from modelmesh.errors import InvalidArgument, MeshError, ModelNotFound
-from modelmesh.lifecycle import ModelLifecycle
-from modelmesh.metrics import Metrics
-from modelmesh.node import Node
-from modelmesh.registry.records import CopyState, ModelRecord
-from modelmesh.registry.store import Registry
-from modelmesh.routing.headers import (
+from modelmesh.headers import (
     INFER,
     METADATA,
     MODEL_ID,
@@ -34,6 +29,11 @@ from modelmesh.routing.headers import (
     CallInfo,
     metadata_values,
 )
+from modelmesh.lifecycle import ModelLifecycle
+from modelmesh.metrics import Metrics
+from modelmesh.node import Node
+from modelmesh.registry.records import CopyState, ModelRecord
+from modelmesh.registry.store import Registry
 from modelmesh.routing.router import Router
 from modelmesh.view import MeshView, Status
 

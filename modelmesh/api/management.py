@@ -10,11 +10,7 @@ from modelmesh._proto.mmesh import model_mesh_pb2 as mm
 from modelmesh._proto.mmesh import model_mesh_pb2_grpc as mm_grpc
 from modelmesh.api.status import code_of, grpc_errors
 from modelmesh.errors import InvalidArgument, MeshError
-from modelmesh.lifecycle import ModelLifecycle, VModelStatus
-from modelmesh.metrics import Metrics
-from modelmesh.node import Node
-from modelmesh.registry.store import Registry
-from modelmesh.routing.headers import (
+from modelmesh.headers import (
     LOAD_HERE,
     MAX_COPIES,
     MIN_COPIES,
@@ -22,6 +18,10 @@ from modelmesh.routing.headers import (
     metadata_value,
     metadata_values,
 )
+from modelmesh.lifecycle import ModelLifecycle, VModelStatus
+from modelmesh.metrics import Metrics
+from modelmesh.node import Node
+from modelmesh.registry.store import Registry
 from modelmesh.view import ModelStatus
 
 _MS = mm.ModelStatusInfo

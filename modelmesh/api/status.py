@@ -30,7 +30,7 @@ from modelmesh.errors import (
     Unimplemented,
     UpstreamError,
 )
-from modelmesh.routing.headers import INSTANCE, REJECT
+from modelmesh.headers import INSTANCE, REJECT
 
 log = logging.getLogger(__name__)
 

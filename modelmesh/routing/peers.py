@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import grpc
 
 from modelmesh.errors import Code
-from modelmesh.routing.headers import INSTANCE
+from modelmesh.headers import INSTANCE
 
 log = logging.getLogger(__name__)
 

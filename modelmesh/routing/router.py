@@ -39,11 +39,11 @@ from modelmesh.errors import (
     Unavailable,
     UpstreamError,
 )
+from modelmesh.headers import ENSURE_LOADED, HOPS, LOAD_HERE, MODEL_ID, REJECT, CallInfo
 from modelmesh.metrics import Metrics
 from modelmesh.node import Node, Spawn
 from modelmesh.registry.records import CopyState, ModelRecord
 from modelmesh.registry.store import INSTANCES, Change, Registry
-from modelmesh.routing.headers import ENSURE_LOADED, HOPS, LOAD_HERE, MODEL_ID, REJECT, CallInfo
 from modelmesh.routing.peers import PeerError, PeerPool
 from modelmesh.view import MeshView
 from placement import ClusterSnapshot, Policy

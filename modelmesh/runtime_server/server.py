@@ -25,8 +25,8 @@ from modelmesh._proto.mmesh import model_runtime_pb2_grpc as rt_grpc
 from modelmesh.api.status import grpc_code, grpc_errors, status_of
 from modelmesh.batching import PredictionRunner
 from modelmesh.errors import InvalidArgument, MeshError, ModelLoadFailed, Unavailable
+from modelmesh.headers import MODEL_ID, metadata_value
 from modelmesh.registry.records import ModelRecord
-from modelmesh.routing.headers import MODEL_ID, metadata_value
 from modelmesh.runtime_server.models import LoadedModels
 from modelmesh.runtime_server.settings import RuntimeServerSettings
 from modelmesh.runtimes import get_runtime

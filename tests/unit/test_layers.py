@@ -35,7 +35,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("modelmesh.registry",),
     ("modelmesh.codec", "modelmesh.wire"),
     ("modelmesh.settings", "modelmesh.errors", "modelmesh.metrics", "modelmesh.tensor",
-     "modelmesh.units", "modelmesh.node", "modelmesh.demo", "modelmesh._proto", "modelmesh"),
+     "modelmesh.units", "modelmesh.node", "modelmesh.headers", "modelmesh.demo",
+     "modelmesh._proto", "modelmesh"),
 )
 
 

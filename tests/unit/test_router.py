@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from modelmesh.errors import Rejected
+from modelmesh.headers import INFER, CallInfo
 from modelmesh.registry.records import CopyRecord, CopyState, ModelRecord
-from modelmesh.routing.headers import INFER, CallInfo
 from tests.support.mirror import put
 from tests.support.parts import build
 

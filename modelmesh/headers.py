@@ -1,5 +1,8 @@
 """The mesh's gRPC header names and paths, and ``CallInfo``: what a call's metadata says.
 
+A leaf, so that every layer that speaks them (the router, the transports, the
+remote runtimes that send ``mm-model-id`` to a runtime server) takes them from here.
+
 Clients address a model with ``mm-model-id`` / ``mm-vmodel-id`` and may ask for
 ``mm-balanced``; instances add ``mm-hops`` and ``mm-load-here`` when they
 forward, and answer errors with ``mm-instance`` (and ``mm-reject`` when they
