@@ -51,8 +51,14 @@ def test_eviction_under_small_capacity(mesh_factory, etcd_server, demo_models):
             modelId="probe", modelInfo=mm.ModelInfo(type="sklearn",
                                                     path=str(demo_models["sklearn"].path)),
             loadNow=True, sync=True), timeout=60)
-        size = ext_grpc.ModelMeshExtensionsStub(ch).clusterStatus(
-            ext.ClusterStatusRequest(), timeout=10).instances[0].usedBytes
+        # The instance record (used bytes) is published a moment after the load.
+        deadline = time.monotonic() + 10
+        while True:
+            size = ext_grpc.ModelMeshExtensionsStub(ch).clusterStatus(
+                ext.ClusterStatusRequest(), timeout=10).instances[0].usedBytes
+            if size or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     probe.stop()
     capacity = int(size * 2.5)
     # Plain LRU so that the order is predictable (density would keep the smallest copy).

@@ -142,14 +142,19 @@ def test_concurrent_requests_each_get_their_own_answer(mgmt, mesh, models_root, 
             await client.close()
 
     merged_before = batched_requests(mesh)
-    answers = asyncio.run(send_all())
     # 96 requests sent at once: some must have shared a prediction, or this test
-    # would not be testing the splitting of merged outputs.
+    # would not be testing the splitting of merged outputs. On a busy machine a burst
+    # can arrive one request at a time; send it again (a few times at most) until
+    # some were merged. Every burst's answers are checked.
+    for _ in range(5):
+        answers = asyncio.run(send_all())
+        for x, got in zip(batches, answers, strict=True):
+            want = own_predict(model_type, models_root / demo.path, x)
+            np.testing.assert_allclose(got.reshape(want.shape).astype(np.float64),
+                                       want.astype(np.float64), rtol=1e-5, atol=1e-6)
+        if batched_requests(mesh) > merged_before:
+            break
     assert batched_requests(mesh) > merged_before
-    for x, got in zip(batches, answers, strict=True):
-        want = own_predict(model_type, models_root / demo.path, x)
-        np.testing.assert_allclose(got.reshape(want.shape).astype(np.float64),
-                                   want.astype(np.float64), rtol=1e-5, atol=1e-6)
 
 
 def batched_requests(mesh) -> float:
