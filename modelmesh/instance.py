@@ -118,10 +118,6 @@ class MeshInstance:
     def instance_id(self) -> str:
         return self.node.instance_id
 
-    @property
-    def ready(self) -> bool:
-        return self.node.ready
-
     # -- start ----------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -181,7 +177,7 @@ class MeshInstance:
         self.router = router = Router(node, registry, cache, dataplane, view, policy,
                                       PeerPool(s.max_message_bytes), metrics, spawn,
                                       max_hops=s.max_hops)
-        self.lifecycle = lifecycle = ModelLifecycle(
+        lifecycle = ModelLifecycle(
             node, registry, cache, view, router, spawn,
             check_location=functools.partial(check_model_location, s),
             load_timeout=s.load_timeout)
@@ -191,7 +187,6 @@ class MeshInstance:
         registry.add_listener(lifecycle.on_registry_change)
         registry.add_listener(router.on_registry_change)
         metrics.capacity_bytes.set(s.capacity)
-        self.registry, self.dataplane, self.view = registry, dataplane, view
 
         self._server = await self._serve(InferenceServicer(
             node, registry, cache, dataplane, router, lifecycle, view, metrics),
