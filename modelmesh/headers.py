@@ -30,9 +30,36 @@ INFER = "/inference.GRPCInferenceService/ModelInfer"
 METADATA = "/inference.GRPCInferenceService/ModelMetadata"
 ENSURE_LOADED = "/mmesh.ModelMesh/ensureLoaded"
 
+_MODEL_ID_BIN, _VMODEL_ID_BIN = MODEL_ID + "-bin", VMODEL_ID + "-bin"
 _NOT_FORWARDED = frozenset({HOPS, LOAD_HERE, "user-agent", "content-type", "te", "host"})
 
 Metadata = list[tuple[str, str | bytes]]
+
+_BIN = "-bin"
+
+
+def _printable_ascii(value: str) -> bool:
+    return value.isascii() and value.isprintable()
+
+
+def id_header(key: str, value: str) -> tuple[str, str | bytes]:
+    """``(key, value)`` as metadata that gRPC can carry: ASCII headers take printable ASCII only.
+
+    A model id with any other character (unicode, DEL, U+2028 ...) goes as its
+    UTF-8 bytes in the binary form of the header, ``<key>-bin`` (as ModelMesh
+    sends ``mm-model-id-bin``); receivers read both forms (``CallInfo``,
+    ``metadata_values``).
+    """
+    if _printable_ascii(value):
+        return key, value
+    return key + _BIN, value.encode("utf-8")
+
+
+def _text(value: str | bytes) -> str:
+    """A metadata value as text (binary headers carry UTF-8); undecodable bytes are replaced."""
+    if isinstance(value, str):
+        return value
+    return value.decode("utf-8", errors="replace")
 
 
 @dataclass(slots=True)
@@ -63,9 +90,14 @@ class CallInfo:
                 info.balanced = str(v).strip().lower() in ("1", "true", "yes")
                 info.metadata.append((k, v))
             elif k == MODEL_ID:
-                info.model_id = str(v)
+                info.model_id = info.model_id or _text(v)
+            elif k == _MODEL_ID_BIN:  # the binary form wins
+                info.model_id = _text(v)
             elif k == VMODEL_ID:
-                info.vmodel_id = str(v)
+                info.vmodel_id = info.vmodel_id or _text(v)
+                info.metadata.append((k, v))
+            elif k == _VMODEL_ID_BIN:
+                info.vmodel_id = _text(v)
                 info.metadata.append((k, v))
             elif k[0] != ":" and not k.startswith("grpc-") and k not in _NOT_FORWARDED:
                 info.metadata.append((k, v))
@@ -73,11 +105,18 @@ class CallInfo:
 
 
 def metadata_values(context: grpc.aio.ServicerContext, *keys: str) -> list[str]:
-    """The values of ``keys`` in the call's metadata ("" where absent), in one pass."""
+    """The values of ``keys`` in the call's metadata ("" where absent), in one pass.
+
+    A key's binary form (``<key>-bin``, UTF-8) is read too and wins over the text one.
+    """
     found = dict.fromkeys(keys, "")
+    binary: dict[str, str] = {}
     for k, v in context.invocation_metadata() or ():
         if k in found:
-            found[k] = v if isinstance(v, str) else v.decode()
+            found[k] = _text(v)
+        elif k.endswith(_BIN) and k[:-len(_BIN)] in found:
+            binary[k[:-len(_BIN)]] = _text(v)
+    found.update(binary)
     return [found[k] for k in keys]
 
 

@@ -111,12 +111,7 @@ class ModelLifecycle:
         return self.status(record.model_id)
 
     async def unregister(self, model_id: str) -> None:
-        users = [v.vmodel_id for v in self.registry.vmodels_referencing(model_id)]
-        if users:
-            raise PreconditionFailed(
-                f"model '{model_id}' is used by vmodel(s) {', '.join(sorted(users))}; "
-                "delete or retarget them first"
-            )
+        # Refused while a vmodel uses the model, checked inside the delete's transaction.
         if not await self.registry.unregister_model(model_id):
             raise ModelNotFound(model_id)
         self.cache.unload(model_id, reason=UnloadReason.UNREGISTERED)
@@ -223,7 +218,7 @@ class ModelLifecycle:
                 # must leave nothing behind).
                 if record is not None:
                     await self.registry.register_model(record)
-                elif await self.registry.get_model(target_model) is None:
+                elif await self.registry.get_model(target_model, strict=True) is None:
                     raise ModelNotFound(target_model)
                 registered = True
             if new is old or await self.registry.put_vmodel(new, expected_rev):
@@ -275,7 +270,11 @@ class ModelLifecycle:
                 continue
             if any(True for _ in self.registry.vmodels_referencing(model_id)):
                 continue
-            if await self.registry.unregister_model(model_id):
+            try:
+                deleted = await self.registry.unregister_model(model_id)
+            except PreconditionFailed:
+                continue  # a vmodel took it up meanwhile
+            if deleted:
                 self.cache.unload(model_id, reason=UnloadReason.UNREGISTERED)
                 log.info("auto-deleted model %s (no vmodel uses it)", model_id)
 
@@ -291,7 +290,7 @@ class ModelLifecycle:
         elif change.table == COPIES and change.new is not None:
             # The instance holding the copy completes the transition at once; the
             # leader's periodic chores are the backstop (see modelmesh/scaling.py).
-            model_id, _, holder = change.key.rpartition("/")
+            model_id, holder = change.new.model_id, change.new.instance_id
             if holder == self.node.instance_id and \
                     change.new.state in (CopyState.LOADED, CopyState.FAILED):
                 self.spawn(self.advance_transitions(model_id), f"transition:{model_id}")

@@ -118,6 +118,12 @@ class MeshView:
         #: model -> wall time a copy here was last scaled down
         self.last_removed: dict[str, float] = {}
 
+    def forget(self, model_id: str) -> None:
+        """Drop what this view keeps about a model that was unregistered."""
+        self.pending.drop(model_id)
+        self.copy_rates.pop(model_id, None)
+        self.last_removed.pop(model_id, None)
+
     # -- copies ---------------------------------------------------------------------
 
     def copy_states(self, model_id: str,

@@ -79,9 +79,11 @@ def cmp_version(key: bytes, op: str, version: int, prefix: bool = False) -> rpc.
                        range_end=prefix_end(key) if prefix else b"")
 
 
-def cmp_mod_revision(key: bytes, op: str, revision: int) -> rpc.Compare:
+def cmp_mod_revision(key: bytes, op: str, revision: int, prefix: bool = False) -> rpc.Compare:
+    """Compare a key's mod revision; with ``prefix``, every key under it (none: 0)."""
     return rpc.Compare(
-        key=key, target=rpc.Compare.MOD, result=_RESULT[op], mod_revision=revision
+        key=key, target=rpc.Compare.MOD, result=_RESULT[op], mod_revision=revision,
+        range_end=prefix_end(key) if prefix else b"",
     )
 
 

@@ -1,23 +1,19 @@
-"""The registry: etcd tables for models, vmodels, instances and copies, and their mirror.
+"""The registry: typed writes to the etcd tables of models, vmodels, instances and copies.
 
-Writes go to etcd in transactions (compare-and-set where a race matters).
-Reads come from an in-memory mirror of the whole mesh prefix, kept current by
-one resumable watch, so the request path never waits on etcd. ``wait_for``
-gives read-your-writes where a caller needs it.
+Writes go to etcd in transactions (compare-and-set where a race matters); the
+reads come from the watch-fed mirror (``modelmesh.registry.mirror``) that
+``Registry`` extends, so the request path never waits on etcd.
 
-Key layout under the mesh prefix (see ARCHITECTURE.md):
-``models/<modelId>``, ``vmodels/<vmodelId>``, ``instances/<instanceId>``,
-``copies/<modelId>/<instanceId>``.
+Key layout under the mesh prefix (see ARCHITECTURE.md): ``models/<modelId>``,
+``vmodels/<vmodelId>``, ``instances/<instanceId>``, ``copies/<modelId>/<instanceId>``,
+each id escaped (``key_segment``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from modelmesh.errors import (
@@ -25,9 +21,21 @@ from modelmesh.errors import (
     InvalidArgument,
     MeshError,
     ModelNotFound,
+    PreconditionFailed,
 )
 from modelmesh.registry import etcd as e
 from modelmesh.registry.creates import CreateBatcher
+from modelmesh.registry.mirror import (
+    COPIES,
+    INSTANCES,
+    MODELS,
+    VMODELS,
+    Change,
+    Listener,
+    Mirror,
+    from_key_segment,
+    key_segment,
+)
 from modelmesh.registry.records import (
     CopyRecord,
     CopyState,
@@ -37,9 +45,12 @@ from modelmesh.registry.records import (
     replace,
 )
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "COPIES", "INSTANCES", "MODELS", "VMODELS", "Change", "Listener", "Registry",
+    "key_segment", "now_ms", "validate_id",
+]
 
-MODELS, VMODELS, INSTANCES, COPIES = "models", "vmodels", "instances", "copies"
+log = logging.getLogger(__name__)
 
 
 def now_ms() -> int:
@@ -56,176 +67,43 @@ def validate_id(kind: str, value: str) -> None:
         raise InvalidArgument(f"{kind} {value!r} contains control characters")
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One change seen by the mirror; ``old``/``new`` are None for create/delete."""
-
-    table: str
-    key: str
-    old: Any
-    new: Any
-
-
-Listener = Callable[[Change], None]
-
-
-class Registry:
-    """Typed access to the mesh's etcd tables plus a watch-fed mirror of them."""
+class Registry(Mirror):
+    """Typed writes to the mesh's etcd tables, over the mirror they feed (``Mirror``)."""
 
     def __init__(self, client: e.EtcdClient, prefix: str) -> None:
-        if not prefix.endswith("/"):
-            prefix += "/"
-        self.client = client
-        self.prefix = prefix
-        self._p = prefix.encode()
-        self.models: dict[str, ModelRecord] = {}
-        self.vmodels: dict[str, VModelRecord] = {}
-        self.instances: dict[str, InstanceRecord] = {}
-        self.copies: dict[str, dict[str, CopyRecord]] = {}
-        self.revision = 0
-        self._listeners: list[Listener] = []
-        self._revision_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._sorted_ids: list[str] | None = None  # cache for paged listing
+        super().__init__(client, prefix)
         self._creates = CreateBatcher(client)
-
-    # -- keys ---------------------------------------------------------------
-
-    def key(self, table: str, *parts: str) -> bytes:
-        return self._p + "/".join((table, *parts)).encode()
-
-    # -- mirror -------------------------------------------------------------
-
-    def add_listener(self, listener: Listener) -> None:
-        self._listeners.append(listener)
-
-    async def load(self) -> int:
-        """Fill the mirror from etcd; returns the revision to watch from."""
-        kvs, revision = await self.client.get_prefix(self._p)
-        self.models.clear()
-        self.vmodels.clear()
-        self.instances.clear()
-        self.copies.clear()
-        for kv in kvs:
-            self.apply_change(kv.key, kv.value, notify=False)
-        self._sorted_ids = None
-        self._set_revision(revision)
-        return revision
-
-    async def run_watch(self, start_revision: int) -> None:
-        """Apply etcd changes to the mirror until cancelled; re-lists after compaction."""
-        rev = start_revision
-        while True:
-            async for batch in self.client.watch_prefix(self._p, rev + 1):
-                if isinstance(batch, e.Resync):
-                    break
-                for ev in batch:
-                    value = ev.value if ev.type is e.EventType.PUT else None
-                    self.apply_change(ev.key, value)
-                self._set_revision(batch[-1].mod_revision)
-            rev = await self._resync()
-
-    async def _resync(self) -> int:
-        old = (dict(self.models), dict(self.vmodels), dict(self.instances),
-               {m: dict(c) for m, c in self.copies.items()})
-        rev = await self.load()
-        # Tell listeners about what disappeared or changed while history was lost.
-        for table, before, after in (
-            (MODELS, old[0], self.models),
-            (VMODELS, old[1], self.vmodels),
-            (INSTANCES, old[2], self.instances),
-        ):
-            for k in before.keys() | after.keys():
-                if before.get(k) != after.get(k):
-                    self._notify(Change(table, k, before.get(k), after.get(k)))
-        return rev
-
-    def _set_revision(self, revision: int) -> None:
-        self.revision = max(self.revision, revision)
-        if self._revision_waiters:
-            keep = []
-            for rev, fut in self._revision_waiters:
-                if rev <= self.revision:
-                    if not fut.done():
-                        fut.set_result(None)
-                else:
-                    keep.append((rev, fut))
-            self._revision_waiters = keep
-
-    async def wait_for(self, revision: int, timeout: float = 5.0) -> None:
-        """Wait until the mirror has applied ``revision`` (read-your-writes)."""
-        if revision <= self.revision:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._revision_waiters.append((revision, fut))
-        try:
-            await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            log.warning("mirror did not reach revision %d within %.1fs", revision, timeout)
-
-    def _notify(self, change: Change) -> None:
-        for listener in self._listeners:
-            try:
-                listener(change)
-            except Exception:  # a faulty listener must not stop the mirror
-                log.exception("registry listener failed on %s/%s", change.table, change.key)
-
-    def apply_change(self, raw_key: bytes, value: bytes | None, notify: bool = True) -> None:
-        """Apply one etcd key's new value (None: deleted) to the mirror and tell listeners.
-
-        The watch feeds every change through here; so do unit tests that need
-        a mirror without etcd.
-        """
-        rel = raw_key[len(self._p):].decode()
-        table, _, rest = rel.partition("/")
-        old: Any
-        new: Any
-        try:
-            if table == MODELS:
-                old = self.models.pop(rest, None)
-                new = ModelRecord.from_json(value, model_id=rest) if value else None
-                if new:
-                    self.models[rest] = new
-                if (old is None) != (new is None):
-                    self._sorted_ids = None
-            elif table == VMODELS:
-                old = self.vmodels.pop(rest, None)
-                new = VModelRecord.from_json(value, vmodel_id=rest) if value else None
-                if new:
-                    self.vmodels[rest] = new
-            elif table == INSTANCES:
-                old = self.instances.pop(rest, None)
-                new = InstanceRecord.from_json(value, instance_id=rest) if value else None
-                if new:
-                    self.instances[rest] = new
-            elif table == COPIES:
-                model_id, _, instance_id = rest.rpartition("/")
-                holders = self.copies.setdefault(model_id, {})
-                old = holders.pop(instance_id, None)
-                new = (
-                    CopyRecord.from_json(value, model_id=model_id, instance_id=instance_id)
-                    if value else None
-                )
-                if new:
-                    holders[instance_id] = new
-                elif not holders:
-                    del self.copies[model_id]
-            else:
-                return
-        except (ValueError, TypeError) as exc:
-            log.error("ignoring malformed registry entry %s: %s", rel, exc)
-            return
-        if notify:
-            self._notify(Change(table, rest, old, new))
 
     # -- models ---------------------------------------------------------------
 
-    async def get_model(self, model_id: str) -> ModelRecord | None:
-        """The model's record: from the mirror, or from etcd when the mirror lags."""
+    async def get_model(self, model_id: str, strict: bool = False) -> ModelRecord | None:
+        """The model's record: from the mirror, or from etcd when the mirror may lag.
+
+        The etcd read is only for a registration made elsewhere a moment ago
+        that the watch has not delivered yet, so it is kept cheap for names that
+        do not exist (``MissedLookups``): an id etcd just said is absent is answered
+        from the mirror for a while (the watch drops it from that list the moment
+        it is registered), reads are rate-limited, and while etcd does not answer
+        the mirror answers at once. ``strict`` (management calls) always reads etcd.
+        """
         rec = self.models.get(model_id)
         if rec is not None:
             return rec
-        kv = await self.client.get(self.key(MODELS, model_id))
-        return ModelRecord.from_json(kv.value, model_id=model_id) if kv else None
+        if strict:
+            kv = await self.client.get(self.key(MODELS, model_id))
+            return ModelRecord.from_json(kv.value, model_id=model_id) if kv else None
+        if not self._misses.should_read(model_id):
+            return None
+        try:
+            kv = await asyncio.wait_for(self.client.get(self.key(MODELS, model_id)),
+                                        self._misses.read_timeout)
+        except (MeshError, TimeoutError) as exc:
+            self._misses.etcd_failed(exc)
+            return self.models.get(model_id)
+        if kv is None:
+            self._misses.absent(model_id)
+            return None
+        return ModelRecord.from_json(kv.value, model_id=model_id)
 
     async def require_model(self, model_id: str) -> ModelRecord:
         rec = await self.get_model(model_id)
@@ -338,29 +216,38 @@ class Registry:
         key = self.key(MODELS, record.model_id)
         await self.client.txn([e.cmp_version(key, ">", 0)], [e.op_put(key, record.to_json())])
 
-    async def unregister_model(self, model_id: str) -> bool:
-        """Delete the model and its copy records; False when it was not registered."""
-        key = self.key(MODELS, model_id)
-        resp = await self.client.txn(
-            [e.cmp_version(key, ">", 0)],
-            [e.op_delete(key), e.op_delete(self.key(COPIES, model_id) + b"/", prefix=True)],
-        )
-        if resp.succeeded:
-            await self.wait_for(resp.header.revision)
-        return bool(resp.succeeded)
+    async def unregister_model(self, model_id: str, unless_referenced: bool = True) -> bool:
+        """Delete the model and its copy records; False when it was not registered.
 
-    def list_model_ids(self, prefix: str = "") -> list[str]:
-        """Registered model ids in sorted order (from the mirror)."""
-        if self._sorted_ids is None:
-            self._sorted_ids = sorted(self.models)
-        ids = self._sorted_ids
-        if prefix:
-            lo = bisect.bisect_left(ids, prefix)
-            hi = lo
-            while hi < len(ids) and ids[hi].startswith(prefix):
-                hi += 1
-            return ids[lo:hi]
-        return ids
+        With ``unless_referenced`` a model that a vmodel names (as active or target
+        model) is refused with ``PreconditionFailed``, and the check is part of the
+        delete: the transaction also requires that no vmodel changed after the
+        mirror revision the check read, so a ``put_vmodel`` naming the model
+        either lands first (and the delete is refused) or fails (the model is gone).
+        """
+        key = self.key(MODELS, model_id)
+        deletes = [e.op_delete(key), e.op_delete(self.key(COPIES, model_id) + b"/", prefix=True)]
+        for _ in range(20):
+            compare = [e.cmp_version(key, ">", 0)]
+            if unless_referenced:
+                seen = self.revision
+                users = sorted(v.vmodel_id for v in self.vmodels_referencing(model_id))
+                if users:
+                    raise PreconditionFailed(
+                        f"model '{model_id}' is used by vmodel(s) {', '.join(users)}; "
+                        "delete or retarget them first"
+                    )
+                vmodels = self._p + VMODELS.encode() + b"/"
+                compare.append(e.cmp_mod_revision(vmodels, "<", seen + 1, prefix=True))
+            resp = await self.client.txn(compare, deletes, [e.op_get(key, count_only=True)])
+            if resp.succeeded:
+                await self.wait_for(resp.header.revision)
+                return True
+            if not resp.responses[0].response_range.count:
+                return False
+            # A vmodel changed after the mirror's view: catch up and check again.
+            await self.wait_for(resp.header.revision)
+        raise MeshError(f"model '{model_id}': vmodels are changing concurrently; retry")
 
     # -- vmodels --------------------------------------------------------------
 
@@ -372,7 +259,12 @@ class Registry:
         return VModelRecord.from_json(kv.value, vmodel_id=vmodel_id), kv.mod_revision
 
     async def put_vmodel(self, record: VModelRecord, expected_revision: int | None) -> bool:
-        """Write a vmodel if it is unchanged since ``expected_revision`` (0: must not exist)."""
+        """Write a vmodel if it is unchanged since ``expected_revision`` (0: must not exist).
+
+        In the same transaction its active and target models must be registered
+        (``ModelNotFound`` otherwise): a vmodel never names an unregistered model,
+        however it races ``unregister_model``.
+        """
         key = self.key(VMODELS, record.vmodel_id)
         if expected_revision is None:
             compare: list[Any] = []
@@ -380,10 +272,18 @@ class Registry:
             compare = [e.cmp_version(key, "==", 0)]
         else:
             compare = [e.cmp_mod_revision(key, "==", expected_revision)]
-        resp = await self.client.txn(compare, [e.op_put(key, record.to_json())])
+        models = sorted({record.active_model, record.target_model})
+        model_keys = [self.key(MODELS, m) for m in models]
+        compare += [e.cmp_version(k, ">", 0) for k in model_keys]
+        resp = await self.client.txn(compare, [e.op_put(key, record.to_json())],
+                                     [e.op_get(k, count_only=True) for k in model_keys])
         if resp.succeeded:
             await self.wait_for(resp.header.revision)
-        return bool(resp.succeeded)
+            return True
+        for model_id, r in zip(models, resp.responses, strict=True):
+            if not r.response_range.count:
+                raise ModelNotFound(model_id)
+        return False
 
     async def delete_vmodel(self, vmodel_id: str, expected_revision: int) -> bool:
         key = self.key(VMODELS, vmodel_id)
@@ -393,12 +293,6 @@ class Registry:
         if resp.succeeded:
             await self.wait_for(resp.header.revision)
         return bool(resp.succeeded)
-
-    def vmodels_referencing(self, model_id: str) -> Iterable[VModelRecord]:
-        return (
-            v for v in self.vmodels.values()
-            if model_id in (v.active_model, v.target_model)
-        )
 
     # -- instances and copies -------------------------------------------------
 
@@ -434,7 +328,7 @@ class Registry:
             return None
         out = {}
         for kv in resp.responses[0].response_range.kvs:
-            iid = kv.key[len(prefix):].decode()
+            iid = from_key_segment(kv.key[len(prefix):].decode())
             out[iid] = CopyRecord.from_json(kv.value, model_id=model_id, instance_id=iid)
         return out
 

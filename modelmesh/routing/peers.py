@@ -8,6 +8,7 @@ never parsed on the way through.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -34,6 +35,10 @@ class PeerError(Exception):
         #: False when the peer's mesh code never answered (connection refused, reset):
         #: the peer is down or unreachable, so another instance should be tried.
         self.reached = reached
+
+
+#: How long a channel to a peer that left is kept for the calls still on it (seconds).
+CLOSE_GRACE_S = 30.0
 
 
 class PeerPool:
@@ -65,7 +70,8 @@ class PeerPool:
                    timeout: float | None) -> bytes:
         """Send ``request`` bytes to ``method`` on the peer; returns the response bytes.
 
-        Raises ``PeerError`` for any non-OK status.
+        Raises ``PeerError`` for any non-OK status, and for a call cancelled under
+        this request by its channel closing (``reached`` False: try another copy).
         """
         try:
             return await self._call(endpoint, method)(request, metadata=metadata,
@@ -75,18 +81,40 @@ class PeerPool:
             reached = any(k == INSTANCE for k, _ in trailing)
             raise PeerError(Code[exc.code().name], exc.details() or "", trailing,
                             reached) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this request itself is being cancelled
+            # grpc.aio raises CancelledError in the caller when the *call* was cancelled
+            # locally (its channel closed): not the client's doing, so not its answer.
+            raise PeerError(Code.CANCELLED, f"the channel to {endpoint} closed during the call",
+                            (), reached=False) from None
+        except Exception as exc:  # grpc's ExecuteBatchError has no public class
+            # The call could not even be sent (metadata gRPC refuses): our mistake, and
+            # another peer would refuse it too, so it is not a reason to try elsewhere.
+            raise PeerError(Code.INTERNAL, f"could not send {method} to {endpoint}: "
+                            f"{type(exc).__name__}: {exc}", (), reached=True) from None
 
-    async def forget(self, endpoint: str) -> None:
-        """Close the channel to a peer that left the mesh."""
+    async def forget(self, endpoint: str, grace: float | None = CLOSE_GRACE_S) -> None:
+        """Close the channel to a peer that left the mesh.
+
+        New calls get a new channel at once; the calls already on this one have
+        ``grace`` seconds to finish (closing a grpc.aio channel cancels its calls,
+        and a peer's record can vanish while its last answers are on the way).
+        """
         channel = self._channels.pop(endpoint, None)
         for key in [k for k in self._calls if k[0] == endpoint]:
             del self._calls[key]
         if channel is not None:
-            await channel.close()
+            try:
+                await channel.close(grace)
+            except asyncio.CancelledError:  # shutting down: do not wait for the calls
+                await channel.close()
+                raise
 
     def endpoints(self) -> list[str]:
         return list(self._channels)
 
-    async def close(self) -> None:
+    async def close(self, grace: float | None = None) -> None:
         for endpoint in list(self._channels):
-            await self.forget(endpoint)
+            await self.forget(endpoint, grace)

@@ -39,7 +39,15 @@ from modelmesh.errors import (
     Unavailable,
     UpstreamError,
 )
-from modelmesh.headers import ENSURE_LOADED, HOPS, LOAD_HERE, MODEL_ID, REJECT, CallInfo
+from modelmesh.headers import (
+    ENSURE_LOADED,
+    HOPS,
+    LOAD_HERE,
+    MODEL_ID,
+    REJECT,
+    CallInfo,
+    id_header,
+)
 from modelmesh.metrics import Metrics
 from modelmesh.node import Node, Spawn
 from modelmesh.registry.records import CopyState, ModelRecord
@@ -234,7 +242,7 @@ class Router:
                             (), reached=False)
         # The concrete model travels as mm-model-id: the peer serves exactly what was
         # resolved here, even if a vmodel changes target in between.
-        metadata = [*info.metadata, (MODEL_ID, model_id), (HOPS, str(info.hops + 1))]
+        metadata = [*info.metadata, id_header(MODEL_ID, model_id), (HOPS, str(info.hops + 1))]
         if load:
             metadata.append((LOAD_HERE, "1"))
         in_flight = self.node.in_flight

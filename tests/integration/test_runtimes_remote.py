@@ -512,3 +512,21 @@ def test_runtime_stops_cleanly_on_sigterm(spi_runtime, socket_dir):
     assert spi_runtime.stop(signal.SIGTERM) == 0
     assert not socket.exists()
     assert "runtime stopped" in spi_runtime.log()
+
+
+@pytest.mark.parametrize("remote", ["unix", "tcp"])
+def test_ids_that_are_not_printable_ascii_reach_the_runtime(meshes, remote):
+    # The id travels to the runtime in mm-model-id-bin: an ASCII header cannot carry it.
+    x = features()
+    register(meshes["embedded"], "iris-sklearn")  # (idempotent)
+    want = infer(meshes["embedded"], "iris-sklearn", x)
+    for model_id in (f"iris-ü-{remote}", f"iris\u2028{remote}", f"iris\x7f{remote}"):
+        MODELS[model_id] = MODELS["iris-sklearn"]
+        try:
+            st = register(meshes[remote], model_id)
+            assert ST.ModelStatus.Name(st.status) == "LOADED", list(st.errors)
+            got = infer(meshes[remote], model_id, x)
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        finally:
+            del MODELS[model_id]
