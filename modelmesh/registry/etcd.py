@@ -174,6 +174,15 @@ class EtcdClient:
             remaining = deadline - loop.time()
             try:
                 return await getattr(stub, method)(request, timeout=max(remaining, 0.05))
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if (task is not None and task.cancelling()) or channel is self._channel:
+                    raise  # the caller is being cancelled
+                # Another call switched endpoints and closed this channel under us
+                # (grpc.aio cancels a closed channel's calls): retry on the new one.
+                if loop.time() + delay >= deadline:
+                    raise Unavailable(f"etcd {method} failed: its channel closed") from None
+                continue
             except grpc.aio.AioRpcError as exc:
                 retryable = exc.code() in (
                     grpc.StatusCode.UNAVAILABLE,
