@@ -9,7 +9,11 @@ uses it with ``--runtime mmesh:unix:/path`` or ``--runtime mmesh:HOST:PORT``;
 any KServe ModelMesh can use it too, since the protocols are wire compatible.
 
 The model formats are the embedded runtime's (``modelmesh.runtimes``); model
-paths resolve against ``--models-root`` as in the mesh.
+paths resolve against ``--models-root`` as in the mesh, under the same rules
+(``modelmesh.storage.paths``): every file opened resolves inside the root and
+is a regular file no larger than ``--capacity``; a path the filesystem cannot
+take (a NUL byte, a name too long) is INVALID_ARGUMENT, a file refused is
+FAILED_PRECONDITION.
 
 What the runtime decides and what it leaves to the mesh:
 - the mesh decides which models are loaded: the runtime never evicts, and

@@ -38,7 +38,9 @@ class LoadedModels:
 
     def __init__(self, settings: RuntimeServerSettings, executor: ThreadPoolExecutor) -> None:
         self.settings = settings
-        self.loader = EmbeddedLoader(ModelFiles(settings.models_root))
+        # A file larger than the capacity could never be loaded here: refused unread.
+        self.loader = EmbeddedLoader(ModelFiles(settings.models_root,
+                                                max_file_bytes=settings.capacity))
         self._executor = executor
         self._slots: dict[str, _Slot] = {}
         self._load_slots = asyncio.Semaphore(settings.max_concurrent_loads)

@@ -24,7 +24,13 @@ from modelmesh._proto.mmesh import model_runtime_pb2 as rt
 from modelmesh._proto.mmesh import model_runtime_pb2_grpc as rt_grpc
 from modelmesh.api.status import grpc_code, grpc_errors, status_of
 from modelmesh.batching import PredictionRunner
-from modelmesh.errors import InvalidArgument, MeshError, ModelLoadFailed, Unavailable
+from modelmesh.errors import (
+    InvalidArgument,
+    MeshError,
+    ModelLoadFailed,
+    StorageError,
+    Unavailable,
+)
 from modelmesh.headers import MODEL_ID, metadata_value
 from modelmesh.registry.records import ModelRecord
 from modelmesh.runtime_server.models import LoadedModels
@@ -78,7 +84,9 @@ class ModelRuntimeServicer(rt_grpc.ModelRuntimeServicer):
         try:
             size = await loop.run_in_executor(self.executor, self.models.loader.predict_size,
                                               record)
-        except (OSError, ValueError) as exc:  # load will report it; this is only an estimate
+        except (OSError, ValueError, StorageError) as exc:
+            # The load reports it (this is only an estimate); a malformed path
+            # (InvalidArgument) is answered as such.
             log.debug("predictModelSize %s: %s", record.model_id, exc)
             size = self.settings.default_model_size
         return rt.PredictModelSizeResponse(sizeInBytes=size)

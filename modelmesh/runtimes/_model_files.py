@@ -1,21 +1,25 @@
 """What every runtime does with a model path before its library sees it.
 
 Finding the model file (a path may name the file or a directory holding it),
-telling the user what a file looks like when it is not what the model type
-expects, importing the format's library on first use, and turning any load
-failure into ``ModelLoadFailed`` with a reason the cache can record.
+opening it only within its ``FileScope`` (``modelmesh.storage.paths``: under
+the models root, a regular file, not too large), telling the user what a
+file looks like when it is not what the model type expects, importing the
+format's library on first use, and turning any load failure into
+``ModelLoadFailed`` with a reason the cache can record.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
-from modelmesh.errors import ModelLoadFailed
+from modelmesh.errors import MeshError, ModelLoadFailed
+from modelmesh.storage.paths import FileScope, os_error
 
 # Magic numbers of the compressors joblib can use (zlib, gzip, bz2, xz, lz4).
 _COMPRESSED = (
@@ -34,23 +38,34 @@ class BadModelFile(Exception):
     """The file is not a model of the expected format; the message says why."""
 
 
-def model_file(path: Path, model_type: str, suffixes: tuple[str, ...]) -> Path:
+def model_file(path: Path, model_type: str, suffixes: tuple[str, ...],
+               scope: FileScope | None = None) -> Path:
     """The model file at ``path``: the path itself, or the one file in a directory.
 
     In a directory, files with one of ``suffixes`` are preferred; if there are
     none and the directory holds exactly one regular file, that file is used.
+    The file is returned resolved, after ``scope`` (default: the model's own
+    directory) has checked it: under its root, a regular file, not too large.
+    Open it with ``scope.open`` / ``scope.read_bytes``.
     """
-    if path.is_file():
-        return path
-    if not path.exists():
+    scope = scope or FileScope.of_model(path)
+    if not os.path.lexists(path):
         raise BadModelFile(f"model path {path} does not exist")
-    if not path.is_dir():
-        raise BadModelFile(f"model path {path} is neither a file nor a directory")
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    real = scope.resolve(path)
+    if os.path.isfile(real):
+        return scope.regular_file(real)
+    if not os.path.isdir(real):
+        return scope.regular_file(real)  # says what it is instead (a FIFO, a device)
+    try:
+        with os.scandir(real) as entries:
+            files = sorted(Path(e.path) for e in entries
+                           if not e.name.startswith(".") and e.is_file())
+    except OSError as exc:
+        raise os_error(exc, f"'{scope.shown(real)}'") from None
     matching = [p for p in files if p.name.lower().endswith(suffixes)]
     candidates = matching or files
     if len(candidates) == 1:
-        return candidates[0]
+        return scope.regular_file(candidates[0])
     wanted = "/".join(suffixes)
     if not candidates:
         raise BadModelFile(f"directory {path} holds no {model_type} model file ({wanted})")
@@ -61,13 +76,18 @@ def model_file(path: Path, model_type: str, suffixes: tuple[str, ...]) -> Path:
     )
 
 
-def total_size(path: Path) -> int:
-    """Bytes under ``path``: the file's size, or the sum over a directory's files."""
-    if path.is_file():
-        return path.stat().st_size
-    if not path.exists():
+def total_size(path: Path, scope: FileScope | None = None) -> int:
+    """Bytes under ``path``: the file's size, or the sum over a directory's files.
+
+    Only files inside ``scope`` (default: the model's own directory) count.
+    """
+    if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path} does not exist")
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    scope = scope or FileScope.of_model(path)
+    real = scope.resolve(path)
+    if not os.path.isdir(real):
+        return os.stat(real).st_size
+    return sum(os.stat(f).st_size for f in scope.walk(real))
 
 
 def is_compressed(head: bytes) -> bool:
@@ -99,9 +119,9 @@ def looks_like(head: bytes) -> str:
     return "none of the known model formats"
 
 
-def read_head(path: Path, n: int = 64) -> bytes:
-    with path.open("rb") as f:
-        return f.read(n)
+def read_head(path: Path, n: int = 64, scope: FileScope | None = None) -> bytes:
+    """The first ``n`` bytes of a model file, opened within ``scope`` (see ``model_file``)."""
+    return (scope or FileScope.of_model(path)).read_head(path, n)
 
 
 def require(module: str, model_type: str) -> ModuleType:
@@ -129,20 +149,22 @@ def load_failures(model_id: str, model_type: str, path: Path) -> Iterator[None]:
 
     ``BadModelFile`` messages are used as they are; anything else raised by the
     format's library is reported with what the file looks like, since the most
-    common cause is a model registered with the wrong type.
+    common cause is a model registered with the wrong type. The mesh's own errors
+    pass as they are: a file refused by its ``FileScope`` (``StorageError``, a
+    path the filesystem cannot take, a file too large) is not a bad model.
     """
     try:
         yield
-    except ModelLoadFailed:
+    except MeshError:
         raise
     except BadModelFile as exc:
         raise ModelLoadFailed(model_id, str(exc)) from exc
     except Exception as exc:
         what = ""
         try:
-            if path.is_file():
+            if os.path.isfile(path) and not os.path.islink(path):
                 what = f"; the file looks like {looks_like(read_head(path))}"
-        except OSError:
+        except (OSError, MeshError):
             pass  # the library's own error below is the better report
         detail = first_line(exc)
         cause = type(exc).__name__ + (f": {detail}" if detail != type(exc).__name__ else "")

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
+from modelmesh.storage.paths import FileScope
 from modelmesh.tensor import ModelSignature, Parameters, Tensor
 
 
@@ -65,9 +66,15 @@ class Runtime(ABC):
     suffixes: tuple[str, ...] = ()
 
     @abstractmethod
-    def predict_size(self, path: Path) -> int:
+    def predict_size(self, path: Path, scope: FileScope | None = None) -> int:
         """Estimate the loaded size in bytes before loading (cheap: file sizes)."""
 
     @abstractmethod
-    def load(self, path: Path, model_id: str) -> LoadedModel:
-        """Load the model at ``path``; raise an exception with a clear reason on failure."""
+    def load(self, path: Path, model_id: str, scope: FileScope | None = None) -> LoadedModel:
+        """Load the model at ``path``; raise an exception with a clear reason on failure.
+
+        Every file it opens is opened through ``scope`` (``_model_files.model_file``,
+        ``FileScope.open``): under the models root (or the model's disk cache entry),
+        a regular file, not larger than the model memory. Without a scope, the
+        model's own directory is the root.
+        """

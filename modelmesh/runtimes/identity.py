@@ -41,6 +41,7 @@ from modelmesh.runtimes._model_files import (
     total_size,
 )
 from modelmesh.runtimes.base import LoadedModel, Runtime
+from modelmesh.storage.paths import FileScope
 from modelmesh.tensor import ModelSignature, Parameters, Tensor, TensorSpec
 
 SUFFIXES = (".json",)
@@ -53,21 +54,24 @@ class IdentityRuntime(Runtime):
     model_type = "identity"
     suffixes = SUFFIXES
 
-    def predict_size(self, path: Path) -> int:
+    def predict_size(self, path: Path, scope: FileScope | None = None) -> int:
+        scope = scope or FileScope.of_model(path)
         try:
-            spec = json.loads(model_file(path, self.model_type, SUFFIXES).read_bytes())
+            spec = json.loads(scope.read_bytes(model_file(path, self.model_type, SUFFIXES,
+                                                          scope)))
             declared = spec.get("memory_bytes") if isinstance(spec, dict) else None
             if isinstance(declared, int) and declared > 0:
                 return declared
         except (OSError, ValueError, BadModelFile):
             pass  # the load reports what is wrong with the file
-        return max(1, total_size(path))
+        return max(1, total_size(path, scope))
 
-    def load(self, path: Path, model_id: str) -> LoadedModel:
+    def load(self, path: Path, model_id: str, scope: FileScope | None = None) -> LoadedModel:
+        scope = scope or FileScope.of_model(path)
         with load_failures(model_id, self.model_type, path):
-            file = model_file(path, self.model_type, SUFFIXES)
+            file = model_file(path, self.model_type, SUFFIXES, scope)
         with load_failures(model_id, self.model_type, file):
-            raw = file.read_bytes()
+            raw = scope.read_bytes(file)
             try:
                 spec = json.loads(raw)
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:

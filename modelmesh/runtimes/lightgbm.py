@@ -43,6 +43,7 @@ from modelmesh.runtimes._model_files import (
     total_size,
 )
 from modelmesh.runtimes.base import LoadedModel, Runtime
+from modelmesh.storage.paths import FileScope
 from modelmesh.tensor import Parameters, Tensor
 
 SUFFIXES = (".txt", ".lgb", ".model")
@@ -53,15 +54,16 @@ class LightGBMRuntime(Runtime):
     model_type = "lightgbm"
     suffixes = SUFFIXES
 
-    def predict_size(self, path: Path) -> int:
-        return max(1, int(total_size(path) * FACTOR))
+    def predict_size(self, path: Path, scope: FileScope | None = None) -> int:
+        return max(1, int(total_size(path, scope) * FACTOR))
 
-    def load(self, path: Path, model_id: str) -> LoadedModel:
+    def load(self, path: Path, model_id: str, scope: FileScope | None = None) -> LoadedModel:
+        scope = scope or FileScope.of_model(path)
         with load_failures(model_id, self.model_type, path):
-            file = model_file(path, self.model_type, SUFFIXES)
+            file = model_file(path, self.model_type, SUFFIXES, scope)
         with load_failures(model_id, self.model_type, file):
             lgb = require("lightgbm", self.model_type)
-            raw = file.read_bytes()
+            raw = scope.read_bytes(file)
             if not raw.startswith(b"tree"):
                 raise BadModelFile(
                     f"{file.name} is not a LightGBM text model; it looks like "

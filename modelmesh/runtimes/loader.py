@@ -1,7 +1,9 @@
 """The embedded loader: a model's files (``modelmesh.storage``) read by its format's runtime.
 
 This is the cache's ``ModelLoader`` when models run in the mesh process, and
-the runtime server's loader (``modelmesh runtime``).
+the runtime server's loader (``modelmesh runtime``). Either way the files are
+located and checked by ``ModelFiles`` and opened by the runtime only within
+their ``FileScope`` (under the models root, or in their disk cache entry).
 """
 
 from __future__ import annotations
@@ -30,5 +32,6 @@ class EmbeddedLoader:
 
     def load(self, record: ModelRecord) -> LoadedModel:
         runtime = get_runtime(record.model_type)
-        with self.files.local_files(record) as path:
-            return runtime.load(path, record.model_id)
+        with self.files.located(record) as model:
+            # The runtime opens its files within the scope they were checked in.
+            return runtime.load(model.path, record.model_id, model.scope)

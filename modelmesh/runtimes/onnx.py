@@ -23,18 +23,25 @@ Size:
   messages) without the ``onnx`` package, + the sizes of external data files
   the initializers name. Initializers inside subgraphs (If/Loop bodies) are
   not counted.
+
+External data: every file the main graph's initializers name is checked
+before onnxruntime opens the model (``external_file``): relative, inside the
+model's directory and its ``FileScope`` once symlinks are resolved, a regular
+file. onnxruntime then opens them itself (recent versions check the
+directory rule too); subgraph initializers' external data is left to it.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from modelmesh.errors import InvalidArgument
+from modelmesh.errors import InvalidArgument, StorageError
 from modelmesh.runtimes._model_files import (
     BadModelFile,
     first_line,
@@ -45,6 +52,7 @@ from modelmesh.runtimes._model_files import (
 )
 from modelmesh.runtimes.base import LoadedModel, Runtime
 from modelmesh.runtimes.tabular import output
+from modelmesh.storage.paths import FileScope, check_path_text
 from modelmesh.tensor import ModelSignature, Parameters, Tensor, TensorSpec
 
 SUFFIXES = (".onnx",)
@@ -88,21 +96,25 @@ class OnnxRuntime(Runtime):
     model_type = "onnx"
     suffixes = SUFFIXES
 
-    def predict_size(self, path: Path) -> int:
-        return max(1, int(total_size(path) * FACTOR))
+    def predict_size(self, path: Path, scope: FileScope | None = None) -> int:
+        return max(1, int(total_size(path, scope) * FACTOR))
 
-    def load(self, path: Path, model_id: str) -> LoadedModel:
+    def load(self, path: Path, model_id: str, scope: FileScope | None = None) -> LoadedModel:
+        scope = scope or FileScope.of_model(path)
         with load_failures(model_id, self.model_type, path):
-            file = model_file(path, self.model_type, SUFFIXES)
+            file = model_file(path, self.model_type, SUFFIXES, scope)
         with load_failures(model_id, self.model_type, file):
             ort = require("onnxruntime", self.model_type)
+            # Before onnxruntime opens anything: every external data file the graph names
+            # is checked (under the model's directory and the scope, regular, not too big).
+            external_files(file, scope)
             options = ort.SessionOptions()
             options.intra_op_num_threads = INTRA_OP_THREADS
             options.inter_op_num_threads = 1
             session = ort.InferenceSession(
                 str(file), sess_options=options, providers=["CPUExecutionProvider"]
             )
-            return OnnxModel(model_id, session, measured_size(file))
+            return OnnxModel(model_id, session, measured_size(file, scope))
 
 
 class OnnxModel(LoadedModel):
@@ -233,23 +245,64 @@ def _to_str_array(tensor: Tensor) -> np.ndarray:
 # --------------------------------------------------------------------------- size
 
 
-def measured_size(file: Path) -> int:
-    """File size + initializer bytes + external data files (see the module docstring)."""
-    size = file.stat().st_size
-    if size == 0:
-        return 0
-    with file.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        buf = memoryview(m)
-        try:
-            initializers, locations = _initializers(buf)
-        finally:
-            buf.release()
-    external = 0
-    for location in sorted(locations):
-        candidate = file.parent / location
-        if candidate.is_file():
-            external += candidate.stat().st_size
+def measured_size(file: Path, scope: FileScope | None = None) -> int:
+    """File size + initializer bytes + external data files (see the module docstring).
+
+    Each external data file is checked by ``external_file``: one that may not be
+    read refuses the model.
+    """
+    scope = scope or FileScope.of_model(file)
+    size, initializers, locations = _scan(file, scope)
+    external = sum(os.stat(external_file(file, loc, scope)).st_size for loc in sorted(locations))
     return size + initializers + external
+
+
+def external_files(file: Path, scope: FileScope) -> list[Path]:
+    """The external data files of the main graph, each checked by ``external_file``.
+
+    A file this cannot parse names none: onnxruntime's own error is the report.
+    """
+    try:
+        _size, _initializers_bytes, locations = _scan(file, scope)
+    except (ValueError, IndexError):
+        return []
+    return [external_file(file, loc, scope) for loc in sorted(locations)]
+
+
+def _scan(file: Path, scope: FileScope) -> tuple[int, int, set[str]]:
+    """(file bytes, initializer bytes, external data locations), read within ``scope``."""
+    with scope.open(file) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return 0, 0, set()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            buf = memoryview(m)
+            try:
+                initializers, locations = _initializers(buf)
+            finally:
+                buf.release()
+    return size, initializers, locations
+
+
+def external_file(model: Path, location: str, scope: FileScope) -> Path:
+    """The external data file ``location`` of ``model``, resolved, if it may be read.
+
+    As onnxruntime's rule: relative to the model file's directory and inside it;
+    and, as for every file, inside ``scope``, a regular file, not too large.
+    """
+    where = f"{model.name}: external data location {location[:200]!r}"
+    if not location or os.path.isabs(location) or "\x00" in location:
+        raise StorageError(f"{where} must be a relative path in the model's directory")
+    try:
+        check_path_text(location, "external data location")
+        real = scope.regular_file(model.parent / location)
+    except (InvalidArgument, StorageError) as exc:
+        raise StorageError(f"{where}: {exc.message}") from None
+    directory = os.path.realpath(model.parent)
+    if not str(real).startswith(directory.rstrip(os.sep) + os.sep):
+        raise StorageError(f"{where} resolves outside the model's directory; refusing to "
+                           "read it")
+    return real
 
 
 def _initializers(buf: memoryview) -> tuple[int, set[str]]:

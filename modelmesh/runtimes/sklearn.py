@@ -41,11 +41,11 @@ from modelmesh.runtimes._model_files import (
     load_failures,
     looks_like,
     model_file,
-    read_head,
     require,
     total_size,
 )
 from modelmesh.runtimes.base import LoadedModel, Runtime
+from modelmesh.storage.paths import FileScope
 from modelmesh.tensor import Parameters, Tensor, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -59,27 +59,31 @@ class SklearnRuntime(Runtime):
     model_type = "sklearn"
     suffixes = SUFFIXES
 
-    def predict_size(self, path: Path) -> int:
-        size = total_size(path)
+    def predict_size(self, path: Path, scope: FileScope | None = None) -> int:
+        scope = scope or FileScope.of_model(path)
+        size = total_size(path, scope)
         try:
-            compressed = is_compressed(read_head(model_file(path, self.model_type, SUFFIXES)))
+            compressed = is_compressed(
+                scope.read_head(model_file(path, self.model_type, SUFFIXES, scope)))
         except BadModelFile:
             compressed = False  # load will report the problem; this is only an estimate
         return max(1, int(size * (COMPRESSED_FACTOR if compressed else PLAIN_FACTOR)))
 
-    def load(self, path: Path, model_id: str) -> LoadedModel:
+    def load(self, path: Path, model_id: str, scope: FileScope | None = None) -> LoadedModel:
+        scope = scope or FileScope.of_model(path)
         with load_failures(model_id, self.model_type, path):
-            file = model_file(path, self.model_type, SUFFIXES)
-        with load_failures(model_id, self.model_type, file):
+            file = model_file(path, self.model_type, SUFFIXES, scope)
+        with load_failures(model_id, self.model_type, file), scope.open(file) as f:
             joblib = require("joblib", self.model_type)
-            head = read_head(file)
+            head = f.read(64)
             if not (head.startswith(b"\x80") or is_compressed(head)):
                 raise BadModelFile(
                     f"{file.name} is not a joblib or pickle file; it looks like "
                     f"{looks_like(head)}. Is it registered with the wrong model type?"
                 )
+            f.seek(0)
             try:
-                estimator = joblib.load(file)
+                estimator = joblib.load(f)  # the file checked and opened, not a path again
             except EOFError as exc:
                 raise BadModelFile(
                     f"{file.name} ends before its pickle does (is the file truncated?)"

@@ -37,7 +37,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -48,11 +48,11 @@ from modelmesh.runtimes._model_files import (
     load_failures,
     looks_like,
     model_file,
-    read_head,
     total_size,
 )
 from modelmesh.runtimes.base import LoadedModel, Runtime
 from modelmesh.runtimes.tabular import output
+from modelmesh.storage.paths import FileScope
 from modelmesh.tensor import ModelSignature, Parameters, Tensor, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ class TorchScriptRuntime(Runtime):
         #: Device to load onto; "" = ``MM_TORCH_DEVICE``, else cuda when available, else cpu.
         self.device = device
 
-    def predict_size(self, path: Path) -> int:
-        return max(1, int(total_size(path) * FACTOR))
+    def predict_size(self, path: Path, scope: FileScope | None = None) -> int:
+        return max(1, int(total_size(path, scope) * FACTOR))
 
     def resolve_device(self, torch: Any) -> Any:
         wanted = self.device or os.environ.get("MM_TORCH_DEVICE", "")
@@ -86,30 +86,33 @@ class TorchScriptRuntime(Runtime):
             raise BadModelFile(f"device '{wanted}' was asked for but CUDA is not available")
         return device
 
-    def load(self, path: Path, model_id: str) -> LoadedModel:
+    def load(self, path: Path, model_id: str, scope: FileScope | None = None) -> LoadedModel:
+        scope = scope or FileScope.of_model(path)
         with load_failures(model_id, self.model_type, path):
-            file = model_file(path, self.model_type, SUFFIXES)
-        with load_failures(model_id, self.model_type, file):
+            file = model_file(path, self.model_type, SUFFIXES, scope)
+        with load_failures(model_id, self.model_type, file), scope.open(file) as f:
             torch = _import_torch()
             _limit_threads(torch)
-            head = read_head(file)
+            head = f.read(64)
             if not head.startswith(b"PK\x03\x04"):
                 raise BadModelFile(
                     f"{file.name} is not a TorchScript archive (a zip written by "
                     f"torch.jit.save); it looks like {looks_like(head)}"
                 )
+            f.seek(0)
+            file_size = os.fstat(f.fileno()).st_size
             device = self.resolve_device(torch)
             if device.type == "cuda":
                 with _gpu_load_lock:
                     before = torch.cuda.memory_allocated(device)
-                    module = _jit_load(torch, file, device)
+                    module = _jit_load(torch, f, device)
                     torch.cuda.synchronize(device)
                     gpu = torch.cuda.memory_allocated(device) - before
             else:
-                module = _jit_load(torch, file, device)
+                module = _jit_load(torch, f, device)
                 gpu = 0
             module.eval()
-            return TorchScriptModel(model_id, module, device, file.stat().st_size, gpu, torch)
+            return TorchScriptModel(model_id, module, device, file_size, gpu, torch)
 
 
 def _import_torch() -> Any:
@@ -122,11 +125,12 @@ def _import_torch() -> Any:
     return torch
 
 
-def _jit_load(torch: Any, file: Path, device: Any) -> Any:
+def _jit_load(torch: Any, file: BinaryIO, device: Any) -> Any:
+    """Load from the file already opened (and checked) by the runtime's ``FileScope``."""
     with warnings.catch_warnings():
         # Recent torch deprecates torch.jit for torch.export; saved modules still load.
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit")
-        return torch.jit.load(str(file), map_location=device)
+        return torch.jit.load(file, map_location=device)
 
 
 def _limit_threads(torch: Any) -> None:

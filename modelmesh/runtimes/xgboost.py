@@ -39,11 +39,11 @@ from modelmesh.runtimes._model_files import (
     load_failures,
     looks_like,
     model_file,
-    read_head,
     require,
     total_size,
 )
 from modelmesh.runtimes.base import LoadedModel, Runtime
+from modelmesh.storage.paths import FileScope
 from modelmesh.tensor import Parameters, Tensor
 
 SUFFIXES = (".json", ".ubj")
@@ -55,21 +55,23 @@ class XGBoostRuntime(Runtime):
     model_type = "xgboost"
     suffixes = SUFFIXES
 
-    def predict_size(self, path: Path) -> int:
-        size = total_size(path)
+    def predict_size(self, path: Path, scope: FileScope | None = None) -> int:
+        scope = scope or FileScope.of_model(path)
+        size = total_size(path, scope)
         try:
-            head = read_head(model_file(path, self.model_type, SUFFIXES))
+            head = scope.read_head(model_file(path, self.model_type, SUFFIXES, scope))
         except BadModelFile:
             head = b""  # load will report the problem; this is only an estimate
         is_json = head.lstrip().startswith(b'{"') or head.lstrip().startswith(b"{\n")
         return max(1, int(size * (JSON_FACTOR if is_json else UBJ_FACTOR)))
 
-    def load(self, path: Path, model_id: str) -> LoadedModel:
+    def load(self, path: Path, model_id: str, scope: FileScope | None = None) -> LoadedModel:
+        scope = scope or FileScope.of_model(path)
         with load_failures(model_id, self.model_type, path):
-            file = model_file(path, self.model_type, SUFFIXES)
+            file = model_file(path, self.model_type, SUFFIXES, scope)
         with load_failures(model_id, self.model_type, file):
             xgb = require("xgboost", self.model_type)
-            raw = file.read_bytes()
+            raw = scope.read_bytes(file)
             if not raw.lstrip()[:1] == b"{":
                 raise BadModelFile(
                     f"{file.name} is not an XGBoost JSON or UBJSON model; it looks like "

@@ -9,7 +9,10 @@ from local disk instead of the network. Layout under the cache root::
 
 An entry is filled in ``tmp/`` and moved into ``objects/`` with one atomic
 rename once every file is complete and verified, so a crash never leaves a
-partial model that looks complete. The index is rebuilt from ``objects/`` on
+partial model that looks complete. An entry holds directories and regular
+files only: a fill that leaves a symlink (or a FIFO, a device) is refused, and
+an entry found holding one at start-up is removed as damaged, so no file read
+from the cache can be one outside it. The index is rebuilt from ``objects/`` on
 start, so the cache survives restarts. Entries are evicted least recently used
 first, never while pinned (a load is reading them). A model that does not fit
 the budget (or every model, with capacity 0) is still pulled, into a temporary
@@ -29,6 +32,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from modelmesh.errors import StorageError
+from modelmesh.storage.paths import FileScope
+from modelmesh.storage.uri import safe_relative
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +152,7 @@ class DiskCache:
         data.mkdir(parents=True)
         try:
             written = fill(data)
+            _tree_bytes(data)  # refuses symlinks and special files
         except BaseException:
             self._unreserve(reserved)
             shutil.rmtree(work, ignore_errors=True)
@@ -253,8 +261,11 @@ class DiskCache:
 
     @staticmethod
     def _read_meta(path: Path) -> dict[str, Any]:
+        meta = path / META
         try:
-            data = json.loads((path / META).read_text())
+            if meta.is_symlink() or not meta.is_file():  # never read a link or a FIFO
+                return {}
+            data = json.loads(meta.read_text())
             return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             return {}
@@ -269,9 +280,11 @@ class DiskCache:
             data = path / DATA
             size = meta.get("bytes")
             if not (meta.get("entry_id") == path.name and isinstance(size, int)
-                    and data.is_dir() and _tree_bytes(data) == size):
+                    and not path.is_symlink() and data.is_dir() and not data.is_symlink()
+                    and _single_file_ok(data, meta.get("single_file"))
+                    and _tree_size_or_none(data) == size):
                 log.warning("disk cache: removing damaged entry %s", path.name)
-                shutil.rmtree(path, ignore_errors=True)
+                _remove(path)
                 continue
             last_used = (path / META).stat().st_mtime
             self._entries[path.name] = _Entry(path.name, size, last_used,
@@ -285,4 +298,33 @@ class DiskCache:
 
 
 def _tree_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes of the regular files under ``path``; StorageError if it holds anything else."""
+    scope = FileScope.at(path, label="the disk cache entry", allow_symlinks=False)
+    return sum(os.stat(f).st_size for f in scope.walk(path))
+
+
+def _tree_size_or_none(path: Path) -> int | None:
+    try:
+        return _tree_bytes(path)
+    except StorageError as exc:
+        log.warning("disk cache: %s", exc.message)
+        return None
+
+
+def _single_file_ok(data: Path, single: object) -> bool:
+    """A single-file entry's file name (from meta.json) names a regular file in the entry."""
+    if not single:
+        return True
+    try:
+        rel = safe_relative(str(single), "meta.json")
+    except Exception:  # noqa: BLE001 - any bad name is damage
+        return False
+    return os.path.isfile(data / rel) and not os.path.islink(data / rel)
+
+
+def _remove(path: Path) -> None:
+    """Remove an entry (or a link where one should not be) without following links."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)

@@ -13,6 +13,7 @@ import functools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from modelmesh.errors import InvalidArgument, StorageError
 from modelmesh.registry.records import ModelRecord
 from modelmesh.storage.config import StorageConfigs, shared_storage_configs
 from modelmesh.storage.diskcache import DiskCache
+from modelmesh.storage.paths import FileScope, check_path_text
 from modelmesh.storage.puller import Puller, Source, resolve_source
 
 if TYPE_CHECKING:
@@ -36,10 +38,14 @@ def resolve_model_path(models_root: Path, path: str) -> Path:
 
     Accepts a path relative to the root, an absolute path inside it, or a
     ``file://`` URI of either. Symlinks are followed before the check, so a link
-    that points outside the root is refused too.
+    that points outside the root is refused too. A path the filesystem cannot
+    take (a NUL byte, a component too long) is refused with ``InvalidArgument``.
+    This checks the registered path only; the files a load opens are checked
+    again, each of them (``ModelFiles``, ``modelmesh.storage.paths``).
     """
     if not path:
         raise InvalidArgument("model path must not be empty")
+    check_path_text(path)
     raw = path.removeprefix("file://")
     if "://" in raw:
         scheme = raw.split("://", 1)[0]
@@ -80,15 +86,30 @@ def disk_cache_dir(settings: Settings) -> Path:
         Path(settings.data_dir) / "models-cache"
 
 
+@dataclass(frozen=True)
+class LocalModel:
+    """A model's files on local disk: ``path`` (resolved), and the scope its files must keep to."""
+
+    path: Path
+    scope: FileScope
+
+
 class ModelFiles:
     """A model's files on local disk: under the models root, or pulled into the disk cache.
 
-    Knows no model format: what a file means is the runtimes' business.
+    Knows no model format: what a file means is the runtimes' business. Before a
+    model's files are handed on, their tree is checked (``FileScope.check_tree``):
+    every file, and every symlink's target, under the models root (or, pulled, in
+    its disk cache entry, where no symlink may be), and nothing but directories
+    and regular files. ``max_file_bytes`` (0: none) is the largest file a runtime
+    may open: a file larger than the model memory could never be loaded here.
     """
 
-    def __init__(self, models_root: Path, puller: Puller | None = None) -> None:
+    def __init__(self, models_root: Path, puller: Puller | None = None,
+                 max_file_bytes: int = 0) -> None:
         self.models_root = Path(models_root)
         self.puller = puller
+        self.max_file_bytes = max_file_bytes
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> ModelFiles:
@@ -104,7 +125,7 @@ class ModelFiles:
         puller = Puller(shared_storage_configs(settings.storage_config), cache,
                         max_concurrent_downloads=settings.max_concurrent_downloads,
                         timeout=settings.download_timeout, metrics=metrics)
-        return cls(Path(settings.models_root), puller)
+        return cls(Path(settings.models_root), puller, max_file_bytes=settings.capacity)
 
     def _source(self, record: ModelRecord) -> Source | None:
         configs = self.puller.configs if self.puller is not None else StorageConfigs()
@@ -115,31 +136,46 @@ class ModelFiles:
             raise StorageError(f"{source}: this loader has no storage configured")
         return self.puller
 
-    def _locate(self, record: ModelRecord) -> Path:
+    def _locate(self, record: ModelRecord) -> LocalModel:
         full = resolve_model_path(self.models_root, record.path)
-        if not full.exists():
-            raise FileNotFoundError(f"model file '{record.path}' not found under the models root")
-        return full
+        scope = FileScope.at(self.models_root, self.max_file_bytes)
+        if not os.path.lexists(full):
+            raise StorageError(f"model file '{record.path}' not found under the models root")
+        return LocalModel(scope.check_tree(full), scope)
 
     @contextmanager
-    def local_files(self, record: ModelRecord) -> Iterator[Path]:
-        """The model's files on local disk for the duration of the block (pulled if remote)."""
+    def located(self, record: ModelRecord) -> Iterator[LocalModel]:
+        """The model's files on local disk and their scope, for the block (pulled if remote)."""
         source = self._source(record)
         if source is None:
             yield self._locate(record)
             return
-        with self._puller(source).pull(source) as path:
-            yield path
+        with self._puller(source).pulled(source) as (path, entry):
+            yield self._in_cache(path, entry)
 
-    def predict_size(self, record: ModelRecord, measure: Callable[[Path], int]) -> int:
+    def _in_cache(self, path: Path, entry: Path) -> LocalModel:
+        scope = FileScope.at(entry, self.max_file_bytes, "its disk cache entry",
+                             allow_symlinks=False)
+        return LocalModel(scope.check_tree(path), scope)
+
+    @contextmanager
+    def local_files(self, record: ModelRecord) -> Iterator[Path]:
+        """The model's files on local disk for the duration of the block (pulled if remote)."""
+        with self.located(record) as model:
+            yield model.path
+
+    def predict_size(self, record: ModelRecord,
+                     measure: Callable[[Path, FileScope], int]) -> int:
         """The model's loaded size before loading: ``measure`` (the format's estimate)
         of its local files, or, for a remote model not on local disk yet, its bytes in
         storage times ``REMOTE_SIZE_FACTOR``."""
         source = self._source(record)
         if source is None:
-            return measure(self._locate(record))
+            model = self._locate(record)
+            return measure(model.path, model.scope)
         puller = self._puller(source)
-        with puller.cached(source) as local:
+        with puller.cached_entry(source) as local:
             if local is not None:
-                return measure(local)
+                cached = self._in_cache(*local)
+                return measure(cached.path, cached.scope)
         return max(1, int(puller.remote_bytes(source) * REMOTE_SIZE_FACTOR))

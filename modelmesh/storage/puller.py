@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 import urllib.parse
@@ -210,9 +211,15 @@ class Puller:
     @contextmanager
     def pull(self, source: Source) -> Iterator[Path]:
         """The local path of the model's files (a file or a directory), pinned in the block."""
+        with self.pulled(source) as (path, _entry):
+            yield path
+
+    @contextmanager
+    def pulled(self, source: Source) -> Iterator[tuple[Path, Path]]:
+        """``pull``'s path and the directory of its disk cache entry (every file is in it)."""
         model, listing = self._acquire(source)
         try:
-            yield self._local_path(model, listing)
+            yield self._local_path(model, listing), model.data
         finally:
             self.cache.release(model)
 
@@ -222,6 +229,12 @@ class Puller:
 
         While the store is unreachable, the newest cached copy of any version counts.
         """
+        with self.cached_entry(source) as local:
+            yield local[0] if local is not None else None
+
+    @contextmanager
+    def cached_entry(self, source: Source) -> Iterator[tuple[Path, Path] | None]:
+        """``cached``'s path and the directory of its disk cache entry, or None."""
         listing: Listing | None = None
         try:
             listing = self.listing(source)
@@ -234,7 +247,7 @@ class Puller:
             yield None
             return
         try:
-            yield self._local_path(model, listing)
+            yield self._local_path(model, listing), model.data
         finally:
             self.cache.release(model)
 
@@ -242,7 +255,13 @@ class Puller:
     def _local_path(model: CachedModel, listing: Listing | None) -> Path:
         if listing is None:  # a stale copy used while the store is unreachable
             single = model.meta.get("single_file")
-            return model.data / single if single else model.data
+            if not single:
+                return model.data
+            try:  # meta.json is read back from disk: it must not lead out of the entry
+                return model.data / safe_relative(str(single), f"disk cache entry "
+                                                  f"{model.entry_id}")
+            except InvalidArgument as exc:
+                raise StorageError(exc.message) from None
         return model.data / listing.objects[0].rel if listing.single else model.data
 
     def _acquire(self, source: Source) -> tuple[CachedModel, Listing | None]:
@@ -323,13 +342,25 @@ class Puller:
         if not target.resolve().is_relative_to(into.resolve()):
             raise StorageError(f"{source}: '{obj.rel}' would be written outside the model "
                                "directory")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # A new file, never through a symlink: two objects cannot land on one file,
+            # and nothing planted in the cache can redirect the write.
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            raise StorageError(f"{source}: two objects map to the local file '{rel}' (or one "
+                               "is a file and another a directory under it)") from None
+        except OSError as exc:
+            raise StorageError(f"{source}: cannot write '{rel}' into the disk cache: "
+                               f"{exc.strerror or exc}") from None
         digest = hashlib.sha256() if source.location.sha256 else None
         written = 0
         with self._slots:
             if stop is not None and stop.is_set():
+                os.close(fd)
                 raise StorageError(f"{source}: cancelled")
-            with open(target, "wb") as out:
+            with os.fdopen(fd, "wb") as out:
                 for chunk in self._store(source.spec).stream(source.location, obj):
                     out.write(chunk)
                     written += len(chunk)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from modelmesh.errors import InvalidArgument
+from modelmesh.storage.paths import NAME_MAX
 
 REMOTE_SCHEMES = ("s3", "gs", "http", "https")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -90,6 +91,11 @@ def safe_relative(rel: str, where: str) -> PurePosixPath:
     parts = [p for p in rel.split("/") if p]
     if not parts:
         raise InvalidArgument(f"{where}: object key '{rel}' names no file")
+    long = next((p for p in parts if len(p.encode("utf-8", "surrogateescape")) > NAME_MAX), None)
+    if long is not None:
+        raise InvalidArgument(f"{where}: object key '{rel[:80]}...' has a component of "
+                              f"{len(long.encode('utf-8', 'surrogateescape'))} bytes; local "
+                              f"file names are at most {NAME_MAX} bytes")
     return PurePosixPath(*parts)
 
 
@@ -97,6 +103,8 @@ def parse_location(path: str) -> Location:
     """Parse a registered model path; raises InvalidArgument saying what is wrong."""
     if not path:
         raise InvalidArgument("model path must not be empty")
+    if "\x00" in path:
+        raise InvalidArgument(f"model path {path!r} contains a NUL byte (a control character)")
     text, digest = split_checksum(path.strip())
     scheme, sep, rest = text.partition("://")
     if not sep:
