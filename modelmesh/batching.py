@@ -14,6 +14,10 @@ row-wise outputs (``LoadedModel.batchable``) and requests without parameters are
 merged; a batch whose outputs cannot be split by rows, or that the model rejects,
 is run again one request at a time, so every request gets exactly the answer (or
 error) it would have got alone.
+
+Per-model state (typical compute time, batching traffic) lives while the model
+is served; ``PredictionRunner.forget`` drops it once the model's last request
+has finished, so models that come and go leave nothing behind.
 """
 
 from __future__ import annotations
@@ -90,6 +94,10 @@ class Batcher:
         self._pending: dict[tuple, _Pending] = {}
         self._traffic: dict[str, _Traffic] = {}
         self.stats = BatchStats()
+
+    def forget(self, model_id: str) -> None:
+        """Drop the model's traffic history (a batch still open keeps its own reference)."""
+        self._traffic.pop(model_id, None)
 
     async def predict(self, model_id: str, key: tuple, inputs: list[Tensor],
                       requested: Sequence[str], run: Predict) -> tuple[list[Tensor], int]:
@@ -191,6 +199,17 @@ def _split(outputs: list[Tensor], rows: list[int]) -> list[list[Tensor]] | None:
             for i in range(len(rows))]
 
 
+class _ModelState:
+    """What the runner keeps per model while the model is served."""
+
+    __slots__ = ("typical_ns", "in_flight", "forgotten")
+
+    def __init__(self) -> None:
+        self.typical_ns = 0  # moving average of compute ns (0: not measured yet)
+        self.in_flight = 0  # predict() calls not finished (waiting in a batch or running)
+        self.forgotten = False  # forget() was called: drop the state when in_flight is 0
+
+
 class PredictionRunner:
     """Where a loaded model's predictions run: inline or in a thread, merged or alone.
 
@@ -207,33 +226,63 @@ class PredictionRunner:
         self.inline_ns = int(inline_ms * 1e6)
         self.batching = max_batch_rows > 1
         self.batcher = Batcher(max_batch_rows, max_batch_delay_ms / 1000, on_batch=on_batch)
-        self._typical: dict[str, int] = {}  # model id -> moving average of compute ns
+        self._models: dict[str, _ModelState] = {}
 
     def typical_ns(self, model_id: str) -> int:
         """Recent compute time of one prediction of the model (0: not measured yet)."""
-        return self._typical.get(model_id, 0)
+        state = self._models.get(model_id)
+        return state.typical_ns if state is not None else 0
+
+    def tracked(self) -> int:
+        """How many models the runner holds state for."""
+        return len(self._models)
+
+    def forget(self, model_id: str) -> None:
+        """Drop the model's state: now if no prediction of it is running or waiting
+        in a batch, else when the last one finishes (they complete normally)."""
+        state = self._models.get(model_id)
+        if state is None:
+            self.batcher.forget(model_id)
+        elif state.in_flight:
+            state.forgotten = True
+        else:
+            self._drop(model_id, state)
+
+    def _drop(self, model_id: str, state: _ModelState) -> None:
+        if self._models.get(model_id) is state:
+            del self._models[model_id]
+        self.batcher.forget(model_id)
 
     async def predict(self, model_id: str, model: LoadedModel, inputs: list[Tensor],
                       params: Parameters, requested: Sequence[str]) -> tuple[list[Tensor], int]:
         """The model's outputs for ``inputs`` and the compute ns charged to this request."""
-        key = None
-        if self.batching and not params and model.batchable:
-            key = batch_key(inputs, requested)
-        if key is None:
-            return await self._run(model_id, model, inputs, params, requested)
-        return await self.batcher.predict(
-            model_id, key, inputs, requested,
-            lambda ins, req: self._run(model_id, model, ins, params, req))
+        state = self._models.get(model_id)
+        if state is None:
+            state = self._models[model_id] = _ModelState()
+        state.in_flight += 1
+        try:
+            key = None
+            if self.batching and not params and model.batchable:
+                key = batch_key(inputs, requested)
+            if key is None:
+                return await self._run(state, model, inputs, params, requested)
+            return await self.batcher.predict(
+                model_id, key, inputs, requested,
+                lambda ins, req: self._run(state, model, ins, params, req))
+        finally:
+            state.in_flight -= 1
+            if state.forgotten and not state.in_flight:
+                self._drop(model_id, state)
 
-    async def _run(self, model_id: str, model: LoadedModel, inputs: list[Tensor],
+    async def _run(self, state: _ModelState, model: LoadedModel, inputs: list[Tensor],
                    params: Parameters, requested: Sequence[str]) -> tuple[list[Tensor], int]:
-        typical = self._typical.get(model_id, 0)
+        typical = state.typical_ns
         if 0 < typical < self.inline_ns:
             outputs, ns = _timed(model, inputs, params, requested)
         else:
             outputs, ns = await asyncio.get_running_loop().run_in_executor(
                 self.executor, _timed, model, inputs, params, requested)
-        self._typical[model_id] = ns if not typical else (typical * 7 + ns) // 8
+        state.typical_ns = ns if not typical else (typical * 7 + ns) // 8
         return outputs, ns
 
 

@@ -46,6 +46,9 @@ if TYPE_CHECKING:  # the messages are only annotated: importing tritonclient.grp
 __all__ = [
     "DATATYPES",
     "DatatypeInfo",
+    "MAX_DIMS",
+    "SHOWN_CHARS",
+    "clip",
     "datatype_of",
     "decode_inputs",
     "decode_outputs",
@@ -128,6 +131,14 @@ _BY_DTYPE: Mapping[np.dtype, str] = {
     np.dtype(np.float64): "FP64",
 }
 
+#: How much of a client's text (a name, a datatype, a shape) an error message repeats.
+SHOWN_CHARS = 64
+#: The most dimensions a tensor may have (numpy's limit).
+MAX_DIMS = 64
+#: The most elements across a shape's non-zero dimensions: numpy must address them
+#: at up to 8 bytes each in a signed 64-bit size, even for an empty tensor.
+_MAX_ELEMENTS = (2**63 - 1) // 8
+
 _U32 = struct.Struct("<I")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _UINT64_MAX = 2**64 - 1
@@ -170,19 +181,32 @@ def datatype_of(dtype: np.dtype | type) -> str:
 
 
 def _unknown_datatype(datatype: str) -> str:
-    return f"unknown datatype '{datatype}'; expected one of {', '.join(DATATYPES)}"
+    return f"unknown datatype '{clip(datatype)}'; expected one of {', '.join(DATATYPES)}"
+
+
+def clip(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` (a client's name, datatype ...) as an error message may repeat it.
+
+    At most ``limit`` characters, then '…': a message must stay far below the
+    client's metadata limit (it travels in a trailer), whatever was sent.
+    """
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 # --------------------------------------------------------------------------- parameters
 
 
-def params_to_python(params: Mapping[str, Any]) -> dict[str, ParamValue]:
-    """Turn a protobuf ``map<string, InferParameter>`` into a plain dict."""
+def params_to_python(params: Mapping[str, Any], owner: str = "") -> dict[str, ParamValue]:
+    """Turn a protobuf ``map<string, InferParameter>`` into a plain dict.
+
+    ``owner`` (e.g. "input 'x'") names whose parameters they are in error messages.
+    """
     out: dict[str, ParamValue] = {}
     for key, param in params.items():
         kind = param.WhichOneof("parameter_choice")
         if kind is None:
-            raise InvalidArgument(f"parameter '{key}' has no value set")
+            of = f" of {owner}" if owner else ""
+            raise InvalidArgument(f"parameter '{clip(key)}'{of} has no value set")
         out[key] = getattr(param, kind)
     return out
 
@@ -221,7 +245,11 @@ def python_to_params(values: Mapping[str, Any], target: MutableMapping[str, Any]
 
 
 def decode_inputs(request: service_pb2.ModelInferRequest) -> list[Tensor]:
-    """Decode and validate every input of a ``ModelInferRequest``."""
+    """Decode and validate every input of a ``ModelInferRequest``.
+
+    Every input's datatype, shape and data size is checked before any is
+    decoded, so a bad request is refused before it costs memory.
+    """
     inputs = request.inputs
     raw = request.raw_input_contents
     if raw:
@@ -233,28 +261,19 @@ def decode_inputs(request: service_pb2.ModelInferRequest) -> list[Tensor]:
         for tensor in inputs:
             if _typed_fields(tensor.contents):
                 raise InvalidArgument(
-                    f"input '{tensor.name}' has typed contents but the request also uses "
-                    "raw_input_contents; send every input one way, not both"
+                    f"input '{clip(tensor.name)}' has typed contents but the request also "
+                    "uses raw_input_contents; send every input one way, not both"
                 )
     seen: set[str] = set()
-    out: list[Tensor] = []
+    checked: list[_Checked] = []
     for i, tensor in enumerate(inputs):
         name = tensor.name
         if name in seen:
-            raise InvalidArgument(f"input '{name}' appears more than once in the request")
+            raise InvalidArgument(f"input '{clip(name)}' appears more than once in the request")
         seen.add(name)
-        out.append(
-            _decode_tensor(
-                "input",
-                name,
-                tensor.datatype,
-                tensor.shape,
-                tensor.contents,
-                raw[i] if raw else None,
-                tensor.parameters,
-            )
-        )
-    return out
+        checked.append(_check_tensor("input", name, tensor.datatype, tensor.shape,
+                                     tensor.contents, raw[i] if raw else None))
+    return [_decode_tensor(c, tensor.parameters) for c, tensor in zip(checked, inputs, strict=True)]
 
 
 def decode_outputs(response: service_pb2.ModelInferResponse) -> list[Tensor]:
@@ -265,68 +284,130 @@ def decode_outputs(response: service_pb2.ModelInferResponse) -> list[Tensor]:
             f"response has {len(raw)} raw_output_contents entries but "
             f"{len(response.outputs)} outputs"
         )
-    return [
-        _decode_tensor(
-            "output",
-            t.name,
-            t.datatype,
-            t.shape,
-            t.contents,
-            raw[i] if raw else None,
-            t.parameters,
-        )
-        for i, t in enumerate(response.outputs)
-    ]
+    checked = [_check_tensor("output", t.name, t.datatype, t.shape, t.contents,
+                             raw[i] if raw else None)
+               for i, t in enumerate(response.outputs)]
+    return [_decode_tensor(c, t.parameters)
+            for c, t in zip(checked, response.outputs, strict=True)]
 
 
 def _typed_fields(contents: Any) -> list[str]:
     return [f for f in _CONTENTS_FIELDS if len(getattr(contents, f))]
 
 
-def _decode_tensor(
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """A tensor whose datatype, shape and data size passed ``_check_tensor``."""
+
+    kind: str
+    name: str
+    info: DatatypeInfo
+    shape: tuple[int, ...]
+    count: int
+    contents: Any
+    raw: bytes | None
+
+
+def _check_tensor(
     kind: str,
     name: str,
     datatype: str,
     shape_field: Sequence[int],
     contents: Any,
     raw: bytes | None,
-    parameters: Mapping[str, Any],
-) -> Tensor:
+) -> _Checked:
+    """Everything about a tensor that can be checked without decoding its data."""
+    what = f"{kind} '{clip(name)}'"
     info = DATATYPES.get(datatype)
     if info is None:
-        raise InvalidArgument(f"{kind} '{name}': {_unknown_datatype(datatype)}")
+        raise InvalidArgument(f"{what}: {_unknown_datatype(datatype)}")
+    if len(shape_field) > MAX_DIMS:  # before the shape is copied: it may be millions long
+        raise InvalidArgument(
+            f"{what} has {len(shape_field)} dimensions; at most {MAX_DIMS} are supported"
+        )
     shape = tuple(shape_field)
     if any(d < 0 for d in shape):
         raise InvalidArgument(
-            f"{kind} '{name}' has shape {list(shape)}: dimensions must not be negative"
+            f"{what} has shape {_shape_text(shape)}: dimensions must not be negative"
         )
     count = 1
+    sized = 1  # product of the non-zero dimensions: what numpy must be able to address
     for d in shape:
         count *= d
+        if d:
+            sized *= d
+            if sized > _MAX_ELEMENTS:
+                raise InvalidArgument(
+                    f"{what} has shape {_shape_text(shape)}: too many elements "
+                    f"(more than {_MAX_ELEMENTS} across its non-zero dimensions)"
+                )
     if raw is not None:
-        data = _decode_raw(kind, name, info, shape, count, raw)
+        _check_raw(what, info, shape, count, raw)
     else:
-        data = _decode_typed(kind, name, info, shape, count, contents)
-    return Tensor(name, datatype, data, params_to_python(parameters) if parameters else {})
+        _check_typed(what, info, shape, count, contents)
+    return _Checked(kind, name, info, shape, count, contents, raw)
+
+
+def _check_raw(
+    what: str, info: DatatypeInfo, shape: tuple[int, ...], count: int, raw: bytes
+) -> None:
+    if info.size is None:  # BYTES: every element takes its 4-byte length at least
+        if 4 * count > len(raw):
+            fit = len(raw) // 4
+            raise InvalidArgument(
+                f"{what}: malformed BYTES data: at most {fit} BYTES elements fit in "
+                f"{len(raw)} bytes (each starts with a 4-byte length) but shape "
+                f"{_shape_text(shape)} needs {count}; element {fit} has no room"
+            )
+        return
+    if len(raw) != count * info.size:
+        raise InvalidArgument(
+            f"{what} has {len(raw)} bytes of raw data but shape {_shape_text(shape)} "
+            f"x {info.name} ({info.size} bytes each) needs {count * info.size}"
+        )
+
+
+def _check_typed(
+    what: str, info: DatatypeInfo, shape: tuple[int, ...], count: int, contents: Any
+) -> None:
+    present = _typed_fields(contents)
+    field = info.contents_field
+    if field is None:
+        if count == 0 and not present:
+            return
+        raise InvalidArgument(
+            f"{what} has datatype {info.name}, which has no typed contents field; "
+            "send it in raw_input_contents"
+        )
+    wrong = [f for f in present if f != field]
+    if wrong:
+        raise InvalidArgument(
+            f"{what} has datatype {info.name} but its data is in {', '.join(wrong)}; "
+            f"expected {field}"
+        )
+    n = len(getattr(contents, field))
+    if n != count:
+        raise InvalidArgument(
+            f"{what} has {n} elements in {field} but shape {_shape_text(shape)} needs {count}"
+        )
+
+
+def _decode_tensor(checked: _Checked, parameters: Mapping[str, Any]) -> Tensor:
+    c = checked
+    what = f"{c.kind} '{clip(c.name)}'"
+    if c.raw is not None:
+        data = _decode_raw(what, c.info, c.shape, c.count, c.raw)
+    else:
+        data = _decode_typed(what, c.info, c.shape, c.count, c.contents)
+    params = params_to_python(parameters, what) if parameters else {}
+    return Tensor(c.name, c.info.name, data, params)
 
 
 def _decode_raw(
-    kind: str, name: str, info: DatatypeInfo, shape: tuple[int, ...], count: int, raw: bytes
+    what: str, info: DatatypeInfo, shape: tuple[int, ...], count: int, raw: bytes
 ) -> np.ndarray:
     if info.wire_dtype is None:  # BYTES
-        items = _split_bytes(kind, name, raw)
-        if len(items) != count:
-            raise InvalidArgument(
-                f"{kind} '{name}' has {len(items)} BYTES elements but shape {list(shape)} "
-                f"needs {count}"
-            )
-        return _object_array(items, shape)
-    assert info.size is not None
-    if len(raw) != count * info.size:
-        raise InvalidArgument(
-            f"{kind} '{name}' has {len(raw)} bytes of raw data but shape {list(shape)} "
-            f"x {info.name} ({info.size} bytes each) needs {count * info.size}"
-        )
+        return _object_array(_split_bytes(what, raw, count, shape), shape)
     if info.name == "BOOL":
         return np.frombuffer(raw, dtype=np.uint8).reshape(shape) != 0
     if info.name == "BF16":
@@ -338,29 +419,12 @@ def _decode_raw(
 
 
 def _decode_typed(
-    kind: str, name: str, info: DatatypeInfo, shape: tuple[int, ...], count: int, contents: Any
+    what: str, info: DatatypeInfo, shape: tuple[int, ...], count: int, contents: Any
 ) -> np.ndarray:
-    present = _typed_fields(contents)
     field = info.contents_field
-    if field is None:
-        if count == 0 and not present:
-            return np.empty(shape, dtype=info.dtype)
-        raise InvalidArgument(
-            f"{kind} '{name}' has datatype {info.name}, which has no typed contents field; "
-            "send it in raw_input_contents"
-        )
-    wrong = [f for f in present if f != field]
-    if wrong:
-        raise InvalidArgument(
-            f"{kind} '{name}' has datatype {info.name} but its data is in {', '.join(wrong)}; "
-            f"expected {field}"
-        )
+    if field is None:  # no data (checked): an empty tensor
+        return np.empty(shape, dtype=info.dtype)
     values = getattr(contents, field)
-    if len(values) != count:
-        raise InvalidArgument(
-            f"{kind} '{name}' has {len(values)} elements in {field} but shape {list(shape)} "
-            f"needs {count}"
-        )
     if info.name == "BYTES":
         return _object_array(list(values), shape)
     if field in ("int_contents", "uint_contents") and info.dtype.itemsize < 4 and count:
@@ -369,32 +433,43 @@ def _decode_typed(
         limits = np.iinfo(info.dtype)
         if wide.min() < limits.min or wide.max() > limits.max:
             raise InvalidArgument(
-                f"{kind} '{name}' has values outside the {info.name} range "
+                f"{what} has values outside the {info.name} range "
                 f"[{limits.min}, {limits.max}]"
             )
         return wide.astype(info.dtype).reshape(shape)
     return np.fromiter(values, dtype=info.dtype, count=count).reshape(shape)
 
 
-def _split_bytes(kind: str, name: str, raw: bytes) -> list[bytes]:
+def _split_bytes(what: str, raw: bytes, count: int, shape: tuple[int, ...]) -> list[bytes]:
+    """The ``count`` elements of raw BYTES data; stops at ``count`` (more is an error)."""
     items: list[bytes] = []
     offset, end = 0, len(raw)
     unpack = _U32.unpack_from
-    while offset < end:
+    append = items.append
+    for i in range(count):
+        if offset == end:
+            raise InvalidArgument(
+                f"{what} has {i} BYTES elements but shape {_shape_text(shape)} needs {count}"
+            )
         if offset + 4 > end:
             raise InvalidArgument(
-                f"{kind} '{name}': malformed BYTES data: element {len(items)} starts at byte "
-                f"{offset} but only {end - offset} bytes remain for its 4-byte length prefix"
+                f"{what}: malformed BYTES data: element {i} starts at byte {offset} but only "
+                f"{end - offset} bytes remain for its 4-byte length prefix"
             )
         (length,) = unpack(raw, offset)
         offset += 4
         if offset + length > end:
             raise InvalidArgument(
-                f"{kind} '{name}': malformed BYTES data: element {len(items)} declares "
-                f"{length} bytes but only {end - offset} remain"
+                f"{what}: malformed BYTES data: element {i} declares {length} bytes but only "
+                f"{end - offset} remain"
             )
-        items.append(raw[offset : offset + length])
+        append(raw[offset : offset + length])
         offset += length
+    if offset != end:
+        raise InvalidArgument(
+            f"{what} has more than {count} BYTES elements ({end - offset} bytes left after "
+            f"element {count - 1}) but shape {_shape_text(shape)} needs {count}"
+        )
     return items
 
 
@@ -402,6 +477,10 @@ def _object_array(items: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
     arr = np.empty(len(items), dtype=np.object_)
     arr[:] = items
     return arr.reshape(shape)
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return clip(str(list(shape)))
 
 
 def _bf16_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -468,7 +547,7 @@ def encode_inputs(
         field = DATATYPES[datatype].contents_field
         if field is None:
             raise InvalidArgument(
-                f"input '{tensor.name}': {datatype} has no typed contents field; use raw"
+                f"input '{clip(tensor.name)}': {datatype} has no typed contents field; use raw"
             )
         flat = tensor.data.ravel()
         if datatype == "BYTES":
@@ -486,12 +565,12 @@ def _select_outputs(outputs: Sequence[Tensor], requested: Iterable[Any] | None) 
     seen: set[str] = set()
     for name in names:
         if name in seen:
-            raise InvalidArgument(f"output '{name}' is requested more than once")
+            raise InvalidArgument(f"output '{clip(name)}' is requested more than once")
         seen.add(name)
         tensor = by_name.get(name)
         if tensor is None:
             raise InvalidArgument(
-                f"unknown requested output '{name}'; available outputs: "
+                f"unknown requested output '{clip(name)}'; available outputs: "
                 f"{', '.join(by_name) or '(none)'}"
             )
         selected.append(tensor)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
-from modelmesh import codec
+from modelmesh import codec, wire
 from modelmesh.batching import PredictionRunner
 from modelmesh.cache.local import CacheEntry, ModelCache
 from modelmesh.errors import InvalidArgument, MeshError, ModelNotFound, Unavailable
@@ -50,6 +50,27 @@ class ModelStats:
     cache_miss: Duration = field(default_factory=Duration)
 
 
+#: The longest model or vmodel name a request may use: registration refuses longer ids
+#: (``modelmesh.registry.store.validate_id``), so no such model can exist.
+MAX_NAME_CHARS = 512
+
+
+def _check_name(what: str, name: str) -> str:
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidArgument(
+            f"{what} is {len(name)} characters long; model ids have at most {MAX_NAME_CHARS} "
+            f"('{codec.clip(name)}')"
+        )
+    return name
+
+
+def _parse_request(raw: bytes) -> pb.ModelInferRequest:
+    try:
+        return pb.ModelInferRequest.FromString(raw)
+    except DecodeError as exc:
+        raise InvalidArgument(f"malformed ModelInferRequest: {codec.clip(str(exc))}") from None
+
+
 class DataPlane:
     """Inference and model queries for one instance."""
 
@@ -73,6 +94,7 @@ class DataPlane:
                                        max_batch_delay_ms, on_batch=self._on_batch)
         self.stats: dict[str, ModelStats] = {}
         self._rate = (time.monotonic(), 0, 0.0)  # (sampled at, requests served, per second)
+        self._forgotten_executions = 0  # requests served of models since forgotten
 
     # -- names ----------------------------------------------------------------
 
@@ -81,17 +103,21 @@ class DataPlane:
 
         ``mm-model-id`` metadata names a model directly, ``mm-vmodel-id`` a
         vmodel; otherwise the request's ``model_name`` is a vmodel id if one by
-        that name exists, else a model id.
+        that name exists, else a model id. A name longer than any id can be
+        (``MAX_NAME_CHARS``) is refused with ``InvalidArgument``.
         """
         if model_id:
-            return model_id
+            return _check_name("mm-model-id", model_id)
         if vmodel_id:
+            _check_name("mm-vmodel-id", vmodel_id)
             vm = self.registry.vmodels.get(vmodel_id)
             if vm is None:
-                raise ModelNotFound(vmodel_id, what="vmodel")
+                raise ModelNotFound(vmodel_id, message=f"vmodel '{codec.clip(vmodel_id)}' is "
+                                    "not registered")
             return vm.active_model
         if not name:
             raise ModelNotFound("", what="model (empty model_name)")
+        _check_name("model name", name)
         vm = self.registry.vmodels.get(name)
         return vm.active_model if vm is not None else name
 
@@ -124,25 +150,21 @@ class DataPlane:
         """Serve a serialized ModelInferRequest here; returns the serialized response.
 
         A model whose runtime takes requests as bytes (a remote runtime) gets them
-        untouched; otherwise the request is decoded here.
+        untouched; otherwise the request is decoded here. Either way a request of
+        more fields than a parse should cost is refused first (``wire.check_request``).
         """
+        wire.check_request(raw)
         entry = self.cache.get(record.model_id)
         if entry is not None and entry.model is not None and entry.model.passes_bytes:
             return await self._infer_passthrough(raw, record, metadata)
-        try:
-            request = pb.ModelInferRequest.FromString(raw)
-        except DecodeError as exc:
-            raise InvalidArgument(f"malformed ModelInferRequest: {exc}") from None
-        response = await self.infer(request, record.model_id, record)
+        response = await self.infer(_parse_request(raw), record.model_id, record)
         return response.SerializeToString()
 
     async def _infer_passthrough(
         self, raw: bytes, record: ModelRecord, metadata: tuple[tuple[str, str | bytes], ...]
     ) -> bytes:
         start = time.perf_counter_ns()
-        stats = self.stats.get(record.model_id)
-        if stats is None:
-            stats = self.stats[record.model_id] = ModelStats()
+        stats = self._stats_for(record.model_id)
         try:
             entry = await self.acquire(record, stats)
             try:
@@ -150,7 +172,7 @@ class DataPlane:
                 if model is None:  # unloaded between acquire and now: cannot happen in use
                     raise Unavailable(f"model '{record.model_id}' was unloaded")
                 if not model.passes_bytes:  # reloaded by another runtime
-                    request = pb.ModelInferRequest.FromString(raw)
+                    request = _parse_request(raw)
                     return (await self.infer(request, record.model_id, record)).SerializeToString()
                 compute = time.perf_counter_ns()
                 out = await model.infer_raw(raw, metadata)
@@ -172,9 +194,7 @@ class DataPlane:
         start = time.perf_counter_ns()
         if record is None:
             record = await self.registry.require_model(model_id)
-        stats = self.stats.get(model_id)
-        if stats is None:
-            stats = self.stats[model_id] = ModelStats()
+        stats = self._stats_for(model_id)
         try:
             inputs = codec.decode_inputs(request)
             params = codec.params_to_python(request.parameters)
@@ -208,6 +228,22 @@ class DataPlane:
         stats.last_inference_ms = int(time.time() * 1000)
         return response
 
+    def _stats_for(self, model_id: str) -> ModelStats:
+        """The model's statistics; those of a model no longer registered are not kept."""
+        stats = self.stats.get(model_id)
+        if stats is None:
+            stats = ModelStats()
+            if model_id in self.registry.models:
+                self.stats[model_id] = stats
+        return stats
+
+    def forget(self, model_id: str) -> None:
+        """Drop what is kept about a model that was unregistered (statistics, batching)."""
+        stats = self.stats.pop(model_id, None)
+        if stats is not None:
+            self._forgotten_executions += stats.execution_count
+        self.runner.forget(model_id)
+
     def _on_batch(self, requests: int) -> None:
         self.metrics.batches.inc()
         self.metrics.batched_requests.inc(requests)
@@ -219,7 +255,8 @@ class DataPlane:
         t, n, rate = self._rate
         now = time.monotonic()
         if now - t >= 2.0:
-            served = sum(st.execution_count for st in self.stats.values())
+            served = self._forgotten_executions + sum(
+                st.execution_count for st in self.stats.values())
             rate = (served - n) / (now - t)
             self._rate = (now, served, rate)
         return rate

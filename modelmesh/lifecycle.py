@@ -283,7 +283,7 @@ class ModelLifecycle:
     def on_registry_change(self, change: Change) -> None:
         """Registry listener: model deletions unload; loaded targets complete transitions."""
         if change.table == MODELS and change.new is None:
-            self.cache.unload(change.key, reason=UnloadReason.UNREGISTERED)
+            self.forget(change.key)
         elif change.table == MODELS and change.old is not None and change.new is not None \
                 and not change.old.same_definition(change.new):
             self.cache.unload(change.key, reason=UnloadReason.REPLACED)
@@ -294,6 +294,14 @@ class ModelLifecycle:
             if holder == self.node.instance_id and \
                     change.new.state in (CopyState.LOADED, CopyState.FAILED):
                 self.spawn(self.advance_transitions(model_id), f"transition:{model_id}")
+
+    def forget(self, model_id: str) -> None:
+        """An unregistered model leaves this instance with everything kept about it:
+        its copy (unloaded once its in-flight requests finish), use history,
+        statistics, batching and scaling state."""
+        self.cache.forget(model_id)
+        self.view.forget(model_id)
+        self.view.dataplane.forget(model_id)
 
     async def advance_transitions(self, model_id: str) -> None:
         """Switch vmodels whose target ``model_id`` is now loaded (or mark them failed)."""

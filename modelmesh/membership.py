@@ -158,8 +158,10 @@ class Membership:
                     0.1 * ev.size_bytes:
                 self.spawn(self._record_use(ev.model_id, 0, 0.0, ev.size_bytes), "record-size")
         elif ev.kind is EventKind.FAILED:
-            rec = CopyRecord(ev.model_id, me, CopyState.FAILED, error=ev.error,
+            rec = CopyRecord(ev.model_id, me, CopyState.FAILED, ev.size_bytes, error=ev.error,
                              updated_ms=now_ms())
+            if ev.size_bytes:  # measured, then found too big: every instance should know
+                self.spawn(self._record_use(ev.model_id, 0, 0.0, ev.size_bytes), "record-size")
         else:
             rec = None
             usage = self.cache.usage.get(ev.model_id)

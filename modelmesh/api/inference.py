@@ -16,8 +16,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from modelmesh import __version__, wire
-from modelmesh.api.status import grpc_errors
+from modelmesh import __version__, codec, wire
+from modelmesh.api.status import drop_frames, grpc_errors, log_unexpected, status_of
 from modelmesh.cache.local import ModelCache, UnloadReason
 from modelmesh.dataplane import DataPlane, Duration
 from modelmesh.errors import InvalidArgument, MeshError, ModelNotFound
@@ -50,6 +50,22 @@ def _stat(d: Duration) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=d.count, ns=d.ns)
 
 
+def _stream_error(raw: bytes, exc: Exception) -> pb.ModelStreamInferResponse:
+    """The answer of one failed stream request: its error, its model name and id."""
+    if not isinstance(exc, MeshError):
+        log_unexpected("ModelStreamInfer", exc)
+    _, message = status_of(exc)
+    drop_frames(exc)
+    try:  # echoed so the client can match the answer; both are only read, never parsed
+        name, request_id = wire.string_field(raw, 1), wire.string_field(raw, 3)
+    except InvalidArgument:
+        name = request_id = ""
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(model_name=name, id=request_id),
+    )
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, node: Node, registry: Registry, cache: ModelCache, dataplane: DataPlane,
                  router: Router, lifecycle: ModelLifecycle, view: MeshView,
@@ -70,6 +86,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         for method in service.methods:
             if method.name == "ModelInfer":
                 handlers[method.name] = grpc.unary_unary_rpc_method_handler(self.ModelInferRaw)
+                continue
+            if method.name == "ModelStreamInfer":  # requests as bytes too, checked per request
+                handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                    self.ModelStreamInfer,
+                    response_serializer=pb.ModelStreamInferResponse.SerializeToString)
                 continue
             impl = getattr(self, method.name)
             request = getattr(pb, method.input_type.name)
@@ -195,31 +216,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self.router.invoke(INFER, raw, model_id, info, local)
 
     async def ModelStreamInfer(  # noqa: N802
-        self, request_iterator, context
+        self, request_iterator: AsyncIterator[bytes], context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests on one stream are served in order; an error answers that request only.
 
-        Each request is routed like a ModelInfer call (forwarded as a unary call
-        where another instance serves the model).
+        Each request (its bytes: registered with no deserializer) is routed like a
+        ModelInfer call (forwarded as a unary call where another instance serves
+        the model). Any error, a bug of ours included, becomes that request's
+        ``error_message`` (as Triton answers) and the stream goes on.
         """
         info = CallInfo.from_context(context)
-        async for request in request_iterator:
+        metadata = tuple(info.metadata)
+        async for raw in request_iterator:
             try:
-                model_id = self._model_id(request.model_name, context)
-                raw = request.SerializeToString()
+                response = await self._stream_one(raw, info, metadata)
+            except Exception as exc:
+                response = _stream_error(raw, exc)
+            yield response
 
-                def local(record: ModelRecord, raw: bytes = raw):
-                    return self.data.infer_bytes(raw, record, tuple(info.metadata))
+    async def _stream_one(self, raw: bytes, info: CallInfo,
+                          metadata: tuple[tuple[str, str | bytes], ...]
+                          ) -> pb.ModelStreamInferResponse:
+        model_id = self.data.resolve(wire.model_name(raw) if not info.model_id else "",
+                                     info.model_id, info.vmodel_id)
 
-                out = await self.router.invoke(INFER, raw, model_id, info, local)
-                response = pb.ModelInferResponse.FromString(out)
-                yield pb.ModelStreamInferResponse(infer_response=response)
-            except MeshError as exc:
-                yield pb.ModelStreamInferResponse(
-                    error_message=exc.message,
-                    infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name, id=request.id),
-                )
+        def local(record: ModelRecord):
+            return self.data.infer_bytes(raw, record, metadata)
+
+        out = await self.router.invoke(INFER, raw, model_id, info, local)
+        return pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse.FromString(out))
 
     # -- repository -----------------------------------------------------------------
 
@@ -246,14 +271,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self.lifecycle.ensure_loaded(model_id, sync=True)
         status = self.lifecycle.status(model_id)
         if status.status is Status.LOADING_FAILED:
-            raise InvalidArgument(f"model '{model_id}' failed to load: {'; '.join(status.errors)}")
+            raise InvalidArgument(f"model '{codec.clip(model_id)}' failed to load: "
+                                  f"{'; '.join(status.errors)}")
         return pb.RepositoryModelLoadResponse()
 
     @grpc_errors("RepositoryModelUnload")
     async def RepositoryModelUnload(self, request, context):  # noqa: N802
         model_id = self._model_id(request.model_name, context)
         if await self.registry.get_model(model_id) is None:
-            raise ModelNotFound(model_id)
+            raise ModelNotFound(model_id,
+                                message=f"model '{codec.clip(model_id)}' is not registered")
         self.cache.unload(model_id, reason=UnloadReason.REPOSITORY_UNLOAD)
         return pb.RepositoryModelUnloadResponse()
 

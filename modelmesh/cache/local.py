@@ -1,16 +1,33 @@
 """The models loaded on this instance: a byte-capacity LRU with single-flight loads.
 
 Rules the cache keeps:
-- every model is loaded at most once however many requests arrive while it loads
-  (they all wait on the same load);
+- every model is loaded at most once however many requests arrive while it loads:
+  they all wait on the same load and are served by the copy it loaded (a waiting
+  request pins the copy like a request in flight, so no other load's room-making
+  can evict it before the waiters run; a waiter that gives up unpins it);
 - at most ``max_concurrent_loads`` loads run at a time;
-- the bytes of loaded and loading models never exceed ``capacity_bytes``; room is
-  made by evicting models that no request is using, in the order the placement
-  policy's ``evict`` gives (lowest retention priority first; least recently used
-  first when no policy is set);
-- a model in use is never evicted; a load that needs their bytes waits for them;
+- the bytes of loaded and loading models never exceed ``capacity_bytes``, at any
+  await point: a load reserves its predicted size before it starts, and when the
+  measured size is larger, the difference is made room for before it is counted;
+  room is made by evicting models that no request is using, in the order the
+  placement policy's ``evict`` gives (lowest retention priority first; least
+  recently used first when no policy is set);
+- a model in use is never evicted; a load that needs their bytes waits for them
+  (up to ``space_wait``) before it starts. A model that turns out larger than
+  predicted is not held in memory beyond the capacity while waiting: it is
+  unloaded again and the load fails transiently (``CapacityExceeded``, retried by
+  the next request, which reserves the measured size up front);
+- a model larger than the capacity is refused (``CapacityExceeded``): before loading
+  when its predicted or measured size says so, after loading when its measured
+  size does; the measured size is kept with the failure and sent with the FAILED
+  event, so the next attempt is refused before loading;
 - a failed load is remembered for ``failure_ttl`` seconds: requests in that window
-  get the failure at once instead of retrying the load in a tight loop.
+  get the same failure (same error class) at once instead of retrying the load in
+  a tight loop; a failure that may pass on its own (no room right now) is not;
+- a model that is unloaded while it loads is still served to the requests waiting
+  for it, then unloaded when they finish; ``forget`` also drops every per-model
+  record (use history, remembered failure), so models that come and go leave
+  nothing behind.
 
 Loading and unloading run in a thread pool; the event loop only does bookkeeping.
 """
@@ -23,91 +40,25 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import Protocol
 
-from modelmesh.errors import CapacityExceeded, MeshError, ModelLoadFailed, Unavailable
+from modelmesh.cache.entries import (
+    CacheEntry,
+    CacheEvent,
+    EventKind,
+    ModelLoader,
+    UnloadReason,
+    Usage,
+)
+from modelmesh.cache.eviction import snapshot, victims
+from modelmesh.errors import CapacityExceeded, ModelLoadFailed, Unavailable
 from modelmesh.registry.records import CopyState, ModelRecord
 from modelmesh.runtimes.base import LoadedModel
-from placement import CachedModel, InstanceCache, Memory, Policy, rate_after_request
+from placement import InstanceCache, Memory, Policy, rate_after_request
+
+__all__ = ["CacheEntry", "CacheEvent", "EventKind", "ModelCache", "ModelLoader",
+           "UnloadReason", "Usage"]
 
 log = logging.getLogger(__name__)
-
-
-class ModelLoader(Protocol):
-    """Turns a registration into a model in memory (sync; called off the event loop)."""
-
-    def predict_size(self, record: ModelRecord) -> int: ...
-
-    def load(self, record: ModelRecord) -> LoadedModel: ...
-
-
-class CacheEntry:
-    """One model's slot in the cache (mutable; owned by the cache)."""
-
-    __slots__ = (
-        "model_id", "state", "size", "model", "ready", "in_use", "last_used",
-        "error", "failed_until", "load_ms", "unload_requested", "hits", "priority",
-        "loaded_at",
-    )
-
-    def __init__(self, model_id: str, ready: asyncio.Future[None]) -> None:
-        self.model_id = model_id
-        self.state = CopyState.LOADING
-        self.size = 0
-        self.model: LoadedModel | None = None
-        self.ready = ready
-        self.in_use = 0
-        self.last_used = time.monotonic()
-        self.error = ""
-        self.failed_until = 0.0
-        self.load_ms = 0.0
-        self.unload_requested = False
-        self.hits = 0  # uses since loaded (the rate window of this copy reads it)
-        self.priority = 0.0  # retention priority from the policy at the last use
-        self.loaded_at = time.time()
-
-
-@dataclass(slots=True)
-class Usage:
-    """A model's use on this instance: decayed rate and last use (wall-clock seconds).
-
-    Kept when the model is evicted, so a model coming back is valued by its history.
-    """
-
-    rate: float = 0.0
-    last_used: float | None = None
-
-
-class EventKind(StrEnum):
-    LOADING = "loading"
-    LOADED = "loaded"
-    FAILED = "failed"
-    UNLOADED = "unloaded"
-
-
-class UnloadReason(StrEnum):
-    """Why a model left the cache (the ``modelmesh_unloads`` metric's label)."""
-
-    EVICTED = "evicted"
-    UNREGISTERED = "unregistered"
-    REPLACED = "replaced"
-    SCALED_DOWN = "scaled down"
-    REPOSITORY_UNLOAD = "repository unload"
-    SHUTDOWN = "shutdown"
-
-
-@dataclass(frozen=True, slots=True)
-class CacheEvent:
-    """What the cache tells the rest of the instance (copy records, metrics, logs)."""
-
-    kind: EventKind
-    model_id: str
-    size_bytes: int = 0
-    load_ms: float = 0.0
-    error: str = ""
-    reason: UnloadReason | None = None  # for UNLOADED
 
 
 class ModelCache:
@@ -220,27 +171,41 @@ class ModelCache:
         """Return the loaded entry for ``record``, loading it first if needed.
 
         The caller must call ``release(entry)`` when done; until then the model
-        cannot be evicted.
+        cannot be evicted. A request that finds the model loading waits for that
+        load and is served by the copy it loads (or gets its failure).
         """
         model_id = record.model_id
-        while True:
-            entry = self._entries.get(model_id)
-            if entry is None:
-                entry = self._start_load(record)
-            if entry.state is CopyState.LOADED:
-                entry.in_use += 1
-                self._touch(entry)
-                return entry
-            if entry.state is CopyState.LOADING:
-                await asyncio.shield(entry.ready)
-                if entry.state is CopyState.FAILED:  # the load this request waited for
-                    raise ModelLoadFailed(model_id, entry.error)
-                continue
-            # FAILED
+        entry = self._entries.get(model_id)
+        if entry is None:
+            entry = self._start_load(record)
+        elif entry.state is CopyState.FAILED:
             if time.monotonic() < entry.failed_until:
-                raise ModelLoadFailed(model_id, entry.error)
-            del self._entries[model_id]
-            self._generation += 1
+                raise entry.failure()
+            entry = self._start_load(record, entry)
+        if entry.state is CopyState.LOADED:
+            entry.in_use += 1
+            self._touch(entry)
+            return entry
+        # LOADING: the waiter pins the copy now, so that it is still here when the
+        # waiter runs (the load's end wakes it, but other tasks may run first).
+        entry.in_use += 1
+        try:
+            await asyncio.shield(entry.ready)
+        except BaseException:  # cancelled (the data plane's load timeout): unpin
+            self._unpin(entry)
+            raise
+        if entry.state is CopyState.LOADED:
+            self._touch(entry)
+            return entry
+        self._unpin(entry)
+        raise entry.failure()
+
+    def _unpin(self, entry: CacheEntry) -> None:
+        """A waiter that will not use the copy lets go of its pin."""
+        if entry.state is CopyState.LOADED:  # loaded before the waiter gave up
+            self.release(entry)
+        else:
+            entry.in_use -= 1
 
     def _touch(self, entry: CacheEntry) -> None:
         """Record one use: LRU order, the model's decayed rate, the copy's priority."""
@@ -263,7 +228,7 @@ class ModelCache:
         entry.in_use -= 1
         if entry.in_use == 0:
             if entry.unload_requested:
-                self._drop(entry, UnloadReason.UNREGISTERED)
+                self._drop(entry, entry.unload_requested)
             self._space_freed.set()
 
     def ensure_loading(self, record: ModelRecord) -> CacheEntry:
@@ -272,18 +237,22 @@ class ModelCache:
         if entry is None or (
             entry.state is CopyState.FAILED and time.monotonic() >= entry.failed_until
         ):
-            self._entries.pop(record.model_id, None)
-            self._generation += 1
-            entry = self._start_load(record)
+            entry = self._start_load(record, entry)
         return entry
 
     # -- loading ------------------------------------------------------------------
 
-    def _start_load(self, record: ModelRecord) -> CacheEntry:
+    def _start_load(self, record: ModelRecord, previous: CacheEntry | None = None) -> CacheEntry:
+        """A new LOADING entry for ``record``, replacing ``previous`` (an expired failure)."""
+        if previous is not None:
+            del self._entries[record.model_id]
+            self._generation += 1
         if self.refuse_loads:
             raise Unavailable(f"not loading '{record.model_id}' here: {self.refuse_loads}")
         loop = asyncio.get_running_loop()
         entry = CacheEntry(record.model_id, loop.create_future())
+        if previous is not None:
+            entry.measured = previous.measured  # what the last attempt found it weighs
         self._entries[record.model_id] = entry
         self._generation += 1
         task = loop.create_task(self._load(entry, record), name=f"load:{record.model_id}")
@@ -294,27 +263,28 @@ class ModelCache:
     async def _load(self, entry: CacheEntry, record: ModelRecord) -> None:
         loop = asyncio.get_running_loop()
         model: LoadedModel | None = None
+        model_id = record.model_id
         try:
             async with self._load_slots:
                 if entry.unload_requested:
-                    raise ModelLoadFailed(record.model_id, "unregistered while queued to load")
-                self._on_event(CacheEvent(EventKind.LOADING, record.model_id))
+                    raise ModelLoadFailed(model_id, f"{entry.unload_requested} while queued "
+                                                    "to load")
+                self._on_event(CacheEvent(EventKind.LOADING, model_id))
                 started = time.perf_counter()
-                predicted = record.size_estimate or await loop.run_in_executor(
+                # A size measured here before beats any estimate.
+                predicted = entry.measured or record.size_estimate or await loop.run_in_executor(
                     self._executor, self.loader.predict_size, record
                 )
                 if predicted > self.capacity_bytes:
                     raise CapacityExceeded(
-                        f"model '{record.model_id}' needs about {predicted} bytes, more than "
-                        f"this instance's capacity of {self.capacity_bytes} bytes"
+                        f"model '{model_id}' {_size_phrase(entry.measured, predicted)}, more "
+                        f"than this instance's capacity of {self.capacity_bytes} bytes"
                     )
                 await self._make_room(predicted, entry)
                 self._resize(entry, predicted)
                 model = await loop.run_in_executor(self._executor, self.loader.load, record)
-                self._resize(entry, max(int(model.size_bytes), 1))
-                if self._used > self.capacity_bytes:
-                    # The measured size exceeded the prediction: make room after the fact.
-                    self._evict_for(self._used - self.capacity_bytes, entry)
+                measured = entry.measured = max(int(model.size_bytes), 1)
+                self._fit_measured(entry, predicted)
                 entry.model = model
                 entry.load_ms = (time.perf_counter() - started) * 1000
                 entry.state = CopyState.LOADED
@@ -323,37 +293,71 @@ class ModelCache:
                 self._touch(entry)  # the load is for a use: it starts valued as one
                 entry.hits = 0
                 self.loads += 1
-                if entry.unload_requested:
-                    self._drop(entry, UnloadReason.UNREGISTERED)
-                else:
-                    self._entries.move_to_end(record.model_id)
-                log.info("model loaded: %s (%d bytes, %.0f ms)", record.model_id, entry.size,
+                self._entries.move_to_end(model_id)
+                log.info("model loaded: %s (%d bytes, %.0f ms)", model_id, measured,
                          entry.load_ms)
-                self._on_event(CacheEvent(EventKind.LOADED, record.model_id, entry.size,
-                                         entry.load_ms))
+                self._on_event(CacheEvent(EventKind.LOADED, model_id, measured, entry.load_ms))
+                if entry.unload_requested and entry.in_use == 0:
+                    # Unloaded while loading: requests waiting for it are served first.
+                    self._drop(entry, entry.unload_requested)
         except Exception as exc:  # any load failure becomes the model's recorded failure
-            reason = exc.reason if isinstance(exc, ModelLoadFailed) else (
-                exc.message if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
-            )
-            self._resize(entry, 0)
-            entry.state = CopyState.FAILED
-            self._generation += 1
-            entry.error = reason
-            # A lack of room right now is not the model's fault: the next request retries.
-            transient = isinstance(exc, MeshError) and exc.transient
-            entry.failed_until = time.monotonic() + (0.0 if transient else self.failure_ttl)
+            self._mark_failed(entry, exc)
             if model is not None:
+                entry.model = None
                 await loop.run_in_executor(self._executor, model.unload)
-            if entry.unload_requested and self._entries.get(entry.model_id) is entry:
-                del self._entries[entry.model_id]
-                self._generation += 1
-            log.warning("model failed to load: %s: %s", record.model_id, reason)
-            self._on_event(CacheEvent(EventKind.FAILED, record.model_id, error=reason))
+            if entry.unload_requested and self._entries.get(model_id) is entry:
+                self._remove_failed(entry)
+            log.warning("model failed to load: %s: %s", model_id, entry.error)
+            self._on_event(CacheEvent(EventKind.FAILED, model_id, size_bytes=entry.measured,
+                                      error=entry.error))
+        except asyncio.CancelledError:  # close(): the waiters get a clear error, not a hang
+            self._mark_failed(entry, Unavailable(
+                f"loading '{model_id}' was cancelled: the cache is closing", transient=True))
+            raise
         finally:
             if not entry.ready.done():
                 entry.ready.set_result(None)
 
+    def _fit_measured(self, entry: CacheEntry, predicted: int) -> None:
+        """Count the measured size of a model just loaded, or raise if it does not fit.
+
+        Runs without awaiting: the bytes counted never exceed the capacity. A model
+        larger than the capacity fails for good; one that fits alone but not next
+        to the models in use fails transiently, and is not held (beyond the
+        capacity) while waiting for them: the retry reserves the measured size
+        before loading, and so waits for room the way every load does.
+        """
+        measured = entry.measured
+        if measured > self.capacity_bytes:
+            raise CapacityExceeded(
+                f"model '{entry.model_id}' takes {measured} bytes once loaded (about "
+                f"{predicted} were predicted), more than this instance's capacity of "
+                f"{self.capacity_bytes} bytes"
+            )
+        shortfall = self._used - entry.size + measured - self.capacity_bytes
+        if shortfall > 0 and self._evict_for(shortfall, entry, all_or_nothing=True) < shortfall:
+            raise CapacityExceeded(
+                f"no room for '{entry.model_id}' right now: it takes {measured} bytes once "
+                f"loaded, not the {predicted} predicted, and the other "
+                f"{self._used - entry.size} bytes are in use or loading", transient=True,
+            )
+        self._resize(entry, measured)
+
+    def _mark_failed(self, entry: CacheEntry, exc: Exception) -> None:
+        """Record ``exc`` as the entry's failure and give back its bytes."""
+        self._resize(entry, 0)
+        entry.fail(exc, self.failure_ttl)
+        self._generation += 1
+
+    def _remove_failed(self, entry: CacheEntry) -> None:
+        del self._entries[entry.model_id]
+        self._generation += 1
+        if entry.forgotten:
+            self.usage.pop(entry.model_id, None)
+
     def _resize(self, entry: CacheEntry, size: int) -> None:
+        if size < entry.size:
+            self._space_freed.set()  # a load waiting for room may now fit
         self._used += size - entry.size
         entry.size = size
 
@@ -379,15 +383,18 @@ class ModelCache:
             except TimeoutError:
                 pass
 
-    def _evict_for(self, needed: int, keep: CacheEntry) -> int:
+    def _evict_for(self, needed: int, keep: CacheEntry, *, all_or_nothing: bool = False) -> int:
         """Evict idle loaded models until ``needed`` more bytes are free; returns bytes freed.
 
         The order is the placement policy's (``Policy.evict``); without a policy,
         least recently used first. When not enough can be freed now, it still
         evicts what it can, so that the waiting load needs fewer in-use models
-        to finish.
+        to finish; unless ``all_or_nothing``, when it then evicts nothing.
         """
-        victims = self.choose_victims(needed, keep)
+        victims, clock = self._victims(needed, keep)
+        if all_or_nothing and sum(self._entries[m].size for m in victims) < needed:
+            return 0
+        self.clock = clock
         freed = 0
         for model_id in victims:
             entry = self._entries[model_id]
@@ -398,40 +405,16 @@ class ModelCache:
 
     def choose_victims(self, needed: int, keep: CacheEntry | None = None) -> list[str]:
         """The models ``_evict_for`` would unload to free ``needed`` bytes (nothing changes)."""
-        def evictable(e: CacheEntry) -> bool:
-            return e is not keep and e.state is CopyState.LOADED and not e.in_use
+        return self._victims(needed, keep)[0]
 
-        if self.policy is None:
-            victims, freed = [], 0
-            for entry in self._entries.values():  # LRU order
-                if freed >= needed:
-                    break
-                if evictable(entry):
-                    victims.append(entry.model_id)
-                    freed += entry.size
-            return victims
-        snapshot = self.snapshot(keep)
-        chosen = self.policy.evict(snapshot, snapshot.free_bytes + needed)
-        if chosen is None:  # cannot free it all: take every evictable model, lowest first
-            chosen = [e.model_id for e in sorted(
-                (e for e in snapshot.entries if not e.in_use),
-                key=lambda e: (e.priority, e.model_id))]
-        self.clock = self.policy.clock_after_evict(snapshot, chosen)
-        return chosen
+    def _victims(self, needed: int, keep: CacheEntry | None) -> tuple[list[str], float]:
+        """(the models to evict to free ``needed`` bytes, the pool's clock after that)."""
+        return victims(self._entries.values(), needed, keep, self.policy,
+                       lambda: self.snapshot(keep), self.clock)
 
     def snapshot(self, keep: CacheEntry | None = None) -> InstanceCache:
         """This cache as placement's ``InstanceCache`` (in use / loading count as pinned)."""
-        mono, wall = time.monotonic(), time.time()
-        return InstanceCache(
-            instance_id="", capacity_bytes=self.capacity_bytes, clock=self.clock,
-            entries=tuple(
-                CachedModel(
-                    e.model_id, e.size, e.priority, wall - (mono - e.last_used),
-                    in_use=e is keep or e.state is not CopyState.LOADED or e.in_use > 0,
-                )
-                for e in self._entries.values() if e.size > 0
-            ),
-        )
+        return snapshot(self._entries.values(), self.capacity_bytes, self.clock, keep)
 
     def _drop(self, entry: CacheEntry, reason: UnloadReason) -> None:
         """Remove a loaded model now and release its resources in a thread (awaited on close)."""
@@ -446,6 +429,8 @@ class ModelCache:
             done.add_done_callback(self._unloaded)
         log.info("model unloaded: %s (%s)", entry.model_id, reason)
         self._on_event(CacheEvent(EventKind.UNLOADED, entry.model_id, reason=reason))
+        if entry.forgotten:
+            self.usage.pop(entry.model_id, None)
 
     def _unloaded(self, done: asyncio.Future[None]) -> None:
         self._unloads.discard(done)
@@ -456,18 +441,39 @@ class ModelCache:
 
     def unload(self, model_id: str,
                reason: UnloadReason = UnloadReason.UNREGISTERED) -> bool:
-        """Unload ``model_id`` now, or as soon as its in-flight requests finish."""
+        """Unload ``model_id`` now, or as soon as its in-flight requests finish.
+
+        A model still loading is unloaded when the load ends, after the requests
+        waiting for it (if any) have been served.
+        """
         entry = self._entries.get(model_id)
         if entry is None:
             return False
         if entry.state is CopyState.LOADED and entry.in_use == 0:
             self._drop(entry, reason)
         elif entry.state is CopyState.FAILED:
-            del self._entries[model_id]
-            self._generation += 1
+            self._remove_failed(entry)
         else:
-            entry.unload_requested = True
+            entry.unload_requested = reason
         return True
+
+    def forget(self, model_id: str) -> None:
+        """Unload ``model_id`` (reason UNREGISTERED) and drop every record of it here.
+
+        For a model that is unregistered: its use history and any remembered
+        failure go too, now or, while requests use or wait for it, when they finish.
+        """
+        entry = self._entries.get(model_id)
+        if entry is not None:
+            entry.forgotten = True
+            self.unload(model_id, UnloadReason.UNREGISTERED)
+        if self._entries.get(model_id) is None:
+            self.usage.pop(model_id, None)
+
+    async def settle(self) -> None:
+        """Wait until no load runs and every unloaded model's resources are released."""
+        while self._tasks or self._unloads:
+            await asyncio.gather(*self._tasks, *self._unloads, return_exceptions=True)
 
     async def close(self) -> None:
         """Cancel pending loads and unload everything."""
@@ -484,3 +490,10 @@ class ModelCache:
             await asyncio.gather(*self._unloads, return_exceptions=True)
         if self._own_executor:
             self._executor.shutdown(wait=True)
+
+
+def _size_phrase(measured: int, predicted: int) -> str:
+    if measured:
+        return f"takes {measured} bytes once loaded (measured here)"
+    return f"needs about {predicted} bytes"
+

@@ -172,16 +172,17 @@ class Router:
     async def _no_placement(self, record: ModelRecord, local: Local) -> bytes:
         """Placement found nowhere to load the model: say why, or load here as a last resort."""
         model = self.view.model_snapshot(record)
-        failures = self.view.failures(record.model_id)
-        if failures:
-            raise ModelLoadFailed(record.model_id, failures[0])
         cluster = self.view.cluster_snapshot()
         if self.view.known_size(record) and \
                 all(model.size_bytes > i.cpu.capacity_bytes for i in cluster.instances):
+            # Before the load failures: "too big" is the reason those loads failed.
             raise CapacityExceeded(
                 f"model '{record.model_id}' needs about {model.size_bytes} bytes, more than "
                 "any instance's capacity"
             )
+        failures = self.view.failures(record.model_id)
+        if failures:
+            raise ModelLoadFailed(record.model_id, failures[0])
         if self.node.draining:
             raise Unavailable(f"model '{record.model_id}': no instance can load it now")
         return await self._local(local, record)

@@ -248,3 +248,33 @@ def test_ids_that_are_not_printable_ascii_are_forwarded(mesh_factory, etcd_serve
     assert metric(a, 'modelmesh_forwarded_requests_total{code="OK"}') >= 2 * len(ODD_IDS)
     for m in ODD_IDS:
         assert f"test-{a.port}" not in copies(a.endpoint, m)  # a did not load them
+
+
+# -- unregistered models are forgotten --------------------------------------------------------
+
+
+def test_unregistered_models_leave_no_statistics(mesh_factory, etcd_server, models_root):
+    import tritonclient.grpc as triton
+
+    from tests.integration.test_mesh import infer, wait_until
+
+    (mesh,) = start_mesh(mesh_factory, etcd_server, "forget", 1)
+    path = identity_file(models_root, "forget-any")
+    kept = {"kept": path}
+    register(mesh.endpoint, kept)
+    with triton.InferenceServerClient(mesh.endpoint) as c, \
+            grpc.insecure_channel(mesh.endpoint) as ch:
+        infer(c, "kept", 1.0)
+        stub = mm_grpc.ModelMeshStub(ch)
+        for i in range(40):
+            register(mesh.endpoint, {f"gone-{i}": path})
+            infer(c, f"gone-{i}", 2.0)
+            stub.unregisterModel(mm.UnregisterModelRequest(modelId=f"gone-{i}"), timeout=30)
+
+        def listed() -> set[str]:
+            return {s.name for s in c.get_inference_statistics(as_json=False).model_stats}
+
+        # The watch delivers each unregistration: bounded wait until all are forgotten.
+        assert wait_until(lambda: listed() == {"kept"}, 10), sorted(listed())
+        stats = c.get_inference_statistics("kept", as_json=False).model_stats[0]
+        assert stats.inference_stats.success.count == 1

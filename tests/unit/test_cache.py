@@ -13,7 +13,7 @@ import time
 import pytest
 
 from modelmesh.cache.local import CacheEvent, ModelCache
-from modelmesh.errors import ModelLoadFailed
+from modelmesh.errors import CapacityExceeded, ModelLoadFailed
 from modelmesh.registry.records import CopyState, ModelRecord
 from modelmesh.runtimes.base import LoadedModel
 from modelmesh.tensor import ModelSignature
@@ -114,7 +114,7 @@ async def test_no_room_while_everything_is_in_use() -> None:
     loader = StandInLoader({"a": 600, "b": 600})
     cache = ModelCache(1000, loader, space_wait=0.3)
     held = await cache.acquire(rec("a"))
-    with pytest.raises(ModelLoadFailed, match="no room"):
+    with pytest.raises(CapacityExceeded, match="no room"):
         await use(cache, "b")
     cache.release(held)
     await cache.close()
@@ -122,7 +122,7 @@ async def test_no_room_while_everything_is_in_use() -> None:
 
 async def test_model_larger_than_capacity_fails_clearly() -> None:
     cache = ModelCache(1000, StandInLoader({"huge": 5000}))
-    with pytest.raises(ModelLoadFailed, match="capacity"):
+    with pytest.raises(CapacityExceeded, match="capacity"):
         await use(cache, "huge")
     await cache.close()
 

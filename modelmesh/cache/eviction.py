@@ -1,0 +1,57 @@
+"""Which loaded models the cache evicts to make room, and the cache as placement sees it.
+
+Pure functions over the cache's entries (in LRU order, oldest first); the cache
+itself does the evicting.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from modelmesh.cache.entries import CacheEntry
+from modelmesh.registry.records import CopyState
+from placement import CachedModel, InstanceCache, Policy
+
+
+def victims(entries: Iterable[CacheEntry], needed: int, keep: CacheEntry | None,
+            policy: Policy | None, snap: Callable[[], InstanceCache],
+            clock: float) -> tuple[list[str], float]:
+    """(the models to evict to free ``needed`` bytes, the pool's clock after that).
+
+    Without a policy: idle loaded models, least recently used first, until
+    ``needed`` is reached. With one: the policy's choice on ``snap()``; when it
+    cannot free it all, every idle model, lowest retention priority first.
+    """
+    if policy is None:
+        chosen, freed = [], 0
+        for entry in entries:
+            if freed >= needed:
+                break
+            if entry is not keep and entry.state is CopyState.LOADED and not entry.in_use:
+                chosen.append(entry.model_id)
+                freed += entry.size
+        return chosen, clock
+    snapshot_ = snap()
+    picked = policy.evict(snapshot_, snapshot_.free_bytes + needed)
+    if picked is None:
+        picked = [e.model_id for e in sorted(
+            (e for e in snapshot_.entries if not e.in_use),
+            key=lambda e: (e.priority, e.model_id))]
+    return picked, policy.clock_after_evict(snapshot_, picked)
+
+
+def snapshot(entries: Iterable[CacheEntry], capacity_bytes: int, clock: float,
+             keep: CacheEntry | None = None) -> InstanceCache:
+    """The cache as placement's ``InstanceCache`` (in use or loading count as pinned)."""
+    mono, wall = time.monotonic(), time.time()
+    return InstanceCache(
+        instance_id="", capacity_bytes=capacity_bytes, clock=clock,
+        entries=tuple(
+            CachedModel(
+                e.model_id, e.size, e.priority, wall - (mono - e.last_used),
+                in_use=e is keep or e.state is not CopyState.LOADED or e.in_use > 0,
+            )
+            for e in entries if e.size > 0
+        ),
+    )
