@@ -17,19 +17,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from modelmesh._proto.mmesh import model_mesh_pb2 as mm
 from modelmesh._proto.mmesh import model_mesh_pb2_grpc as mm_grpc
 from modelmesh._proto.mmesh import model_runtime_pb2 as rt
 from modelmesh._proto.mmesh import model_runtime_pb2_grpc as rt_grpc
+from tests.integration.test_runtimes_remote import wait_v2_ready
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +74,7 @@ def runtime(tmp_path, models_root) -> Iterator[tuple[str, Path, Path, Path]]:
              "--models-root", str(root), "--capacity", "16MiB"],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
-        _wait_ready(target, proc, log_path)
+        wait_v2_ready(target, 60, proc, log_path.read_text)
         yield target, root, marker, log_path
     finally:
         if proc.poll() is None:
@@ -87,22 +85,6 @@ def runtime(tmp_path, models_root) -> Iterator[tuple[str, Path, Path, Path]]:
                 proc.kill()
                 proc.wait()
         shutil.rmtree(sockets, ignore_errors=True)
-
-
-def _wait_ready(target: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + 60
-    with grpc.insecure_channel(target) as ch:
-        stub = pb_grpc.GRPCInferenceServiceStub(ch)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"runtime exited early:\n{log_path.read_text()}")
-            try:
-                if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"runtime not ready:\n{log_path.read_text()}")
 
 
 def _code_of(fn) -> tuple[grpc.StatusCode, str]:
