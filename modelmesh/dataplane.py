@@ -64,6 +64,19 @@ def _check_name(what: str, name: str) -> str:
     return name
 
 
+#: The one version a model served by the embedded runtimes has (V2 ``model_version``;
+#: empty means the default, this one). A runtime server decides for its own models.
+MODEL_VERSION = "1"
+
+
+def check_version(model_id: str, version: str) -> None:
+    """Refuse a ``model_version`` the model does not have (as Triton does), NOT_FOUND."""
+    if version and version != MODEL_VERSION:
+        raise ModelNotFound(model_id, message=(
+            f"model '{codec.clip(model_id)}' has no version '{codec.clip(version)}' "
+            f"(its only version is {MODEL_VERSION}; leave model_version empty for it)"))
+
+
 def _parse_request(raw: bytes) -> pb.ModelInferRequest:
     try:
         return pb.ModelInferRequest.FromString(raw)
@@ -102,10 +115,14 @@ class DataPlane:
         """The concrete model id for a request.
 
         ``mm-model-id`` metadata names a model directly, ``mm-vmodel-id`` a
-        vmodel; otherwise the request's ``model_name`` is a vmodel id if one by
-        that name exists, else a model id. A name longer than any id can be
-        (``MAX_NAME_CHARS``) is refused with ``InvalidArgument``.
+        vmodel (not both: ``InvalidArgument``); otherwise the request's
+        ``model_name`` is a vmodel id if one by that name exists, else a model id.
+        A name longer than any id can be (``MAX_NAME_CHARS``) is refused with
+        ``InvalidArgument``.
         """
+        if model_id and vmodel_id:
+            raise InvalidArgument("only one of model id (mm-model-id) and vmodel id "
+                                  "(mm-vmodel-id) may be given")
         if model_id:
             return _check_name("mm-model-id", model_id)
         if vmodel_id:
@@ -209,6 +226,8 @@ class DataPlane:
                 model = entry.model
                 if model is None:  # unloaded between acquire and now: cannot happen in use
                     raise Unavailable(f"model '{record.model_id}' was unloaded")
+                if not model.passes_bytes:
+                    check_version(record.model_id, request.model_version)
                 outputs, compute_ns = await self.runner.predict(
                     record.model_id, model, inputs, params, requested)
                 codec.encode_outputs(outputs, requested, response)
@@ -264,13 +283,22 @@ class DataPlane:
     def is_ready(self, model_id: str) -> bool:
         return self.cache.is_loaded(model_id)
 
-    async def signature(self, model_id: str) -> tuple[ModelRecord, ModelSignature]:
-        """The model's declared inputs and outputs (loads the model if needed)."""
+    def passes_bytes(self, model_id: str) -> bool:
+        """Whether the model is loaded here in a runtime that takes requests as bytes."""
+        entry = self.cache.get(model_id)
+        return entry is not None and entry.model is not None and entry.model.passes_bytes
+
+    async def signature(self, model_id: str,
+                        version: str = "") -> tuple[ModelRecord, ModelSignature]:
+        """The model's declared inputs and outputs (loads the model if needed); a
+        ``version`` it does not have is ``ModelNotFound``."""
         record = await self.registry.require_model(model_id)
         entry = await self.acquire(record)
         try:
             if entry.model is None:
                 raise Unavailable(f"model '{record.model_id}' was unloaded")
+            if not entry.model.passes_bytes:
+                check_version(record.model_id, version)
             return record, entry.model.signature
         finally:
             self.cache.release(entry)

@@ -55,6 +55,16 @@ def id_header(key: str, value: str) -> tuple[str, str | bytes]:
     return key + _BIN, value.encode("utf-8")
 
 
+def runtime_id_headers(model_id: str) -> tuple[tuple[str, str | bytes], ...]:
+    """The model id as a runtime server gets it: always ``mm-model-id-bin`` (UTF-8), and
+    ``mm-model-id`` too when the id is printable ASCII, as ModelMesh sends them (a
+    runtime may read either; only printable ASCII fits the text header)."""
+    binary: tuple[str, str | bytes] = (_MODEL_ID_BIN, model_id.encode("utf-8"))
+    if _printable_ascii(model_id):
+        return (MODEL_ID, model_id), binary
+    return (binary,)
+
+
 def _text(value: str | bytes) -> str:
     """A metadata value as text (binary headers carry UTF-8); undecodable bytes are replaced."""
     if isinstance(value, str):
@@ -93,12 +103,10 @@ class CallInfo:
                 info.model_id = info.model_id or _text(v)
             elif k == _MODEL_ID_BIN:  # the binary form wins
                 info.model_id = _text(v)
-            elif k == VMODEL_ID:
+            elif k == VMODEL_ID:  # resolved here: a forwarded call names the model itself
                 info.vmodel_id = info.vmodel_id or _text(v)
-                info.metadata.append((k, v))
             elif k == _VMODEL_ID_BIN:
                 info.vmodel_id = _text(v)
-                info.metadata.append((k, v))
             elif k[0] != ":" and not k.startswith("grpc-") and k not in _NOT_FORWARDED:
                 info.metadata.append((k, v))
         return info

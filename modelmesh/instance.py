@@ -17,10 +17,9 @@ Wiring, bottom up::
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from modelmesh.registry.etcd import EtcdClient
 from modelmesh.registry.store import Registry
 from modelmesh.routing.peers import PeerPool
 from modelmesh.routing.router import Router
+from modelmesh.runtimes.formats import check_format
 from modelmesh.runtimes.loader import EmbeddedLoader
 from modelmesh.runtimes.remote import RuntimeBinding, connect_runtime
 from modelmesh.scaling import CopyScaling
@@ -179,8 +179,8 @@ class MeshInstance:
                                       max_hops=s.max_hops)
         lifecycle = ModelLifecycle(
             node, registry, cache, view, router, spawn,
-            check_location=functools.partial(check_model_location, s),
-            load_timeout=s.load_timeout)
+            check_model=self._registration_check(), load_timeout=s.load_timeout,
+            accepted_types=frozenset(s.accepted_model_types))
         self.scaling = scaling = CopyScaling(
             node, registry, cache, view, policy, router, lifecycle, membership, metrics, spawn,
             interval=s.rebalance_interval, load_failure_ttl=s.load_failure_ttl)
@@ -202,6 +202,24 @@ class MeshInstance:
         node.ready = True
         log.info("instance %s serving on port %d (etcd %s, capacity %d bytes)",
                  node.instance_id, self.port, ",".join(endpoints), s.capacity)
+
+    def _registration_check(self) -> Callable[[str, str, str], None]:
+        """What a registration's (type, path, key) must satisfy where models run.
+
+        The embedded runtimes need a format they know and a location the mesh can
+        read. A runtime server (or an MLServer / Triton behind the repository
+        adapter) gets them untouched, as ModelMesh passes them to its runtime: its
+        loadModel accepts or refuses them (a refusal is LOADING_FAILED).
+        """
+        s = self.settings
+        if s.runtime != "embedded":
+            return lambda model_type, path, key: None
+
+        def check(model_type: str, path: str, key: str) -> None:
+            check_format(model_type, path, key)
+            check_model_location(s, path, key)  # refuses escapes and unknown storage
+
+        return check
 
     async def _serve(self, inference: InferenceServicer, management: ModelMeshServicer,
                      extensions: ExtensionsServicer) -> grpc.aio.Server:

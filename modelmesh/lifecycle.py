@@ -13,6 +13,7 @@ from typing import Protocol
 
 from modelmesh.cache.local import ModelCache, UnloadReason
 from modelmesh.errors import (
+    AlreadyExists,
     InvalidArgument,
     MeshError,
     ModelNotFound,
@@ -28,7 +29,7 @@ from modelmesh.registry.records import (
     VModelState,
 )
 from modelmesh.registry.store import COPIES, MODELS, Change, Registry, now_ms, validate_id
-from modelmesh.runtimes import MODEL_TYPES
+from modelmesh.runtimes.formats import accepted
 from modelmesh.view import MeshView, ModelStatus, Status
 
 log = logging.getLogger(__name__)
@@ -55,20 +56,37 @@ class VModelStatus:
     target_status: ModelStatus = field(default_factory=lambda: ModelStatus(Status.NOT_FOUND))
 
 
+def _require_id(model_id: str) -> None:
+    if not model_id:
+        raise InvalidArgument("modelId is required")
+
+
+def _owned(vmodel_id: str, owner: str, asked: str) -> str:
+    held = f"owned by '{owner}'" if owner else "unowned"
+    given = f"owner '{asked}'" if asked else "no owner"
+    return f"vmodel '{vmodel_id}' already exists, {held}; this request gives {given}"
+
+
 class ModelLifecycle:
     """Registrations and vmodels; ``on_registry_change`` is to be a registry listener."""
 
     def __init__(self, node: Node, registry: Registry, cache: ModelCache, view: MeshView,
                  placer: CopyPlacer, spawn: Spawn, *,
-                 check_location: Callable[[str, str], None], load_timeout: float) -> None:
+                 check_model: Callable[[str, str, str], None], load_timeout: float,
+                 accepted_types: frozenset[str] = frozenset()) -> None:
         self.node = node
         self.registry = registry
         self.cache = cache
         self.view = view
         self.placer = placer
         self.spawn = spawn
-        self.check_location = check_location
+        #: Checks a registration's (type, path, key) against where models run: the
+        #: embedded runtimes need a known format and a location the mesh can read; a
+        #: runtime server gets them untouched and its loadModel decides.
+        self.check_model = check_model
         self.load_timeout = load_timeout
+        #: ``--accepted-model-types`` (empty: every type).
+        self.accepted_types = accepted_types
 
     # -- models ---------------------------------------------------------------------
 
@@ -88,12 +106,11 @@ class ModelLifecycle:
                 f"model '{model_id}': min copies ({min_copies}) exceed max copies ({max_copies})")
         if not model_type:
             raise InvalidArgument(f"model '{model_id}': modelInfo.type is required")
-        if model_type not in MODEL_TYPES:
+        if not accepted(model_type, key, self.accepted_types):
             raise InvalidArgument(
-                f"model '{model_id}': unknown model type '{model_type}' "
-                f"(known: {', '.join(sorted(MODEL_TYPES))})"
-            )
-        self.check_location(path, key)  # refuses escapes
+                f"model '{model_id}': model type '{model_type}' is not accepted here "
+                f"(accepted: {', '.join(sorted(self.accepted_types))})")
+        self.check_model(model_type, path, key)  # refuses unknown formats, escapes
         return ModelRecord(model_id=model_id, model_type=model_type, path=path,
                            storage_key=key, created_ms=now_ms(), auto_delete=auto_delete,
                            min_copies=min_copies, max_copies=max_copies)
@@ -111,9 +128,12 @@ class ModelLifecycle:
         return self.status(record.model_id)
 
     async def unregister(self, model_id: str) -> None:
-        # Refused while a vmodel uses the model, checked inside the delete's transaction.
+        """Unregister a model; one that is not registered is no error (idempotent clean-up,
+        as in ModelMesh). Refused while a vmodel uses the model, checked inside the
+        delete's transaction."""
+        _require_id(model_id)
         if not await self.registry.unregister_model(model_id):
-            raise ModelNotFound(model_id)
+            return
         self.cache.unload(model_id, reason=UnloadReason.UNREGISTERED)
         log.info("model unregistered: %s", model_id)
 
@@ -125,6 +145,7 @@ class ModelLifecycle:
         otherwise placement picks the instance, which is asked to load it. With
         ``sync`` the call returns once the load has finished (or failed).
         """
+        _require_id(model_id)
         record = await self.registry.require_model(model_id)
         me = self.node.instance_id
         if here:
@@ -181,7 +202,7 @@ class ModelLifecycle:
             if current is None:
                 if update_only:
                     raise VModelNotFound(vmodel_id)
-                if expected_target:
+                if expected_target and expected_target != target_model:
                     raise PreconditionFailed(
                         f"vmodel '{vmodel_id}' does not exist, so its target is not "
                         f"'{expected_target}'"
@@ -193,9 +214,8 @@ class ModelLifecycle:
                 old: VModelRecord | None = None
             else:
                 old, expected_rev = current
-                if owner and old.owner and owner != old.owner:
-                    raise PreconditionFailed(
-                        f"vmodel '{vmodel_id}' is owned by '{old.owner}', not '{owner}'")
+                if owner != old.owner:  # as ModelMesh: the owner must match, "" included
+                    raise AlreadyExists(_owned(vmodel_id, old.owner, owner))
                 if expected_target and expected_target != old.target_model:
                     raise PreconditionFailed(
                         f"vmodel '{vmodel_id}' targets '{old.target_model}', not the expected "
@@ -204,12 +224,15 @@ class ModelLifecycle:
                 if old.target_model == target_model and not force:
                     new = old
                 else:
+                    # Switch at once when the target is loaded, or when the active model
+                    # has no loaded copy anywhere (nothing would be served meanwhile).
                     switch_now = force or target_model == old.active_model or \
-                        self.status(target_model).status is Status.LOADED
+                        self.status(target_model).status is Status.LOADED or \
+                        self.status(old.active_model).status is not Status.LOADED
                     new = VModelRecord(
                         vmodel_id,
                         active_model=target_model if switch_now else old.active_model,
-                        target_model=target_model, owner=old.owner or owner,
+                        target_model=target_model, owner=old.owner,
                         state=VModelState.DEFINED if switch_now else VModelState.TRANSITIONING,
                         updated_ms=now_ms(),
                     )
@@ -243,19 +266,24 @@ class ModelLifecycle:
             await asyncio.sleep(0.05)
 
     async def delete_vmodel(self, vmodel_id: str, owner: str = "") -> None:
+        """Delete a vmodel. As in ModelMesh, deleting one that is not there, or (with
+        ``owner``) one owned by someone else, succeeds and changes nothing."""
         current = await self.registry.get_vmodel(vmodel_id)
         if current is None:
-            return  # deleting what is not there succeeds, as in ModelMesh
+            return
         vm, rev = current
-        if owner and vm.owner and owner != vm.owner:
-            raise PreconditionFailed(f"vmodel '{vmodel_id}' is owned by '{vm.owner}'")
+        if owner and owner != vm.owner:
+            log.info("vmodel %s not deleted: owned by '%s', not '%s'", vmodel_id, vm.owner,
+                     owner)
+            return
         if not await self.registry.delete_vmodel(vmodel_id, rev):
             raise MeshError(f"vmodel '{vmodel_id}' changed while deleting; retry")
         await self._collect_orphans({vm.active_model, vm.target_model})
 
-    def vmodel_status(self, vmodel_id: str) -> VModelStatus:
+    def vmodel_status(self, vmodel_id: str, owner: str = "") -> VModelStatus:
+        """The vmodel's status; with ``owner``, one owned by someone else is not found."""
         vm = self.registry.vmodels.get(vmodel_id)
-        if vm is None:
+        if vm is None or (owner and owner != vm.owner):
             return VModelStatus(None)
         return VModelStatus(
             vm.state, vm.active_model, vm.target_model, vm.owner,

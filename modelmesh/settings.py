@@ -47,7 +47,7 @@ def _labels(text: str | dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _endpoints(text: str | list[str]) -> list[str]:
+def _comma_list(text: str | list[str]) -> list[str]:
     if isinstance(text, list):
         return text
     return [p.strip() for p in str(text).split(",") if p.strip()]
@@ -149,9 +149,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", "--host", "MM_HOST", str, "address to listen on"),
     Option("metrics_port", "--metrics-port", "MM_METRICS_PORT", int, "Prometheus /metrics port (0 = any free port, -1 = off)"),
     Option("data_dir", "--data-dir", "MM_DATA_DIR", Path, "instance state: embedded etcd data, logs"),
-    Option("capacity", "--capacity", "MM_CAPACITY", parse_bytes, "bytes of model memory this instance may use (suffixes: KiB MiB GiB, KB MB GB)"),
+    Option("capacity", "--capacity", "MM_CAPACITY", parse_bytes, "bytes of model memory this instance may use (suffixes: KiB MiB GiB, KB MB GB); a model measured larger than this after loading is unloaded again and refused with `RESOURCE_EXHAUSTED` (its size is kept in the registry, so later requests are refused before loading)"),
     Option("models_root", "--models-root", "MM_MODELS_ROOT", Path, "directory model paths are resolved against; paths outside it are refused"),
-    Option("etcd", "--etcd", "MM_ETCD", _endpoints, "etcd endpoints HOST:PORT[,HOST:PORT...]; empty = start an embedded etcd in the data dir"),
+    Option("etcd", "--etcd", "MM_ETCD", _comma_list, "etcd endpoints HOST:PORT[,HOST:PORT...]; empty = start an embedded etcd in the data dir"),
     Option("mesh_name", "--mesh-name", "MM_MESH_NAME", str, "mesh name; the etcd prefix is /modelmesh/<mesh-name>/"),
     Option("instance_id", "--instance-id", "MM_INSTANCE_ID", str, "this instance's id (default: hostname-port)"),
     Option("advertise", "--advertise", "MM_ADVERTISE", str, "HOST:PORT other instances use to reach this one (default: the listen address)"),
@@ -172,6 +172,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_batch_delay_ms", "--max-batch-delay-ms", "MM_MAX_BATCH_DELAY_MS", float, "longest a request waits for others to share its prediction; it waits only while waiting has been paying off for that model (0 = merge only requests that are ready together)"),
     Option("runtime", "--runtime", "MM_RUNTIME", _runtime, "where models run: embedded (in this process), mmesh:HOST:PORT or mmesh:unix:PATH (a `modelmesh runtime` or any mmesh.ModelRuntime server; its runtimeStatus sets capacity, load concurrency and load timeout), mlserver:HOST:PORT or triton:HOST:PORT (a V2 server driven through its model-repository API; needs --runtime-repository)"),
     Option("runtime_repository", "--runtime-repository", "MM_RUNTIME_REPOSITORY", Path, "with --runtime mlserver:/triton:, the model repository directory that server reads; the mesh writes each model there before loading it"),
+    Option("accepted_model_types", "--accepted-model-types", "MM_ACCEPTED_MODEL_TYPES", _comma_list, "model types registrations may name, TYPE[,TYPE...]; others are refused with INVALID_ARGUMENT, as ModelMesh's accepted-types list does (a type matches as given, e.g. mt:onnx, or by its format, e.g. onnx; empty = every type)"),
     Option("demo", "--demo", "MM_DEMO", _bool, "write the demo models into the models root and register them at start-up"),
     Option("log_level", "--log-level", "MM_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
     Option("placement", "--placement", "MM_PLACEMENT", _placement, "placement policy NAME[:PARAM=VALUE,...] (density, modelmesh, lru, gdsf), e.g. density:settle_s=60"),
@@ -210,6 +211,7 @@ class Settings:
     max_batch_delay_ms: float = 1.0
     runtime: str = "embedded"
     runtime_repository: Path | None = None
+    accepted_model_types: list[str] = field(default_factory=list)
     demo: bool = False
     log_level: str = "INFO"
     placement: tuple[str, dict[str, Any]] = ("density", {})

@@ -19,7 +19,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from modelmesh import __version__, codec, wire
 from modelmesh.api.status import drop_frames, grpc_errors, log_unexpected, status_of
 from modelmesh.cache.local import ModelCache, UnloadReason
-from modelmesh.dataplane import DataPlane, Duration
+from modelmesh.dataplane import MODEL_VERSION, DataPlane, Duration
 from modelmesh.errors import InvalidArgument, MeshError, ModelNotFound
 from modelmesh.headers import (
     INFER,
@@ -35,6 +35,7 @@ from modelmesh.node import Node
 from modelmesh.registry.records import CopyState, ModelRecord
 from modelmesh.registry.store import Registry
 from modelmesh.routing.router import Router
+from modelmesh.runtimes.formats import known_format
 from modelmesh.view import MeshView, Status
 
 _CONFIG_TYPES = {
@@ -120,9 +121,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _local_metadata(self, request: pb.ModelMetadataRequest,
                               record: ModelRecord) -> pb.ModelMetadataResponse:
-        _, sig = await self.data.signature(record.model_id)
+        _, sig = await self.data.signature(record.model_id, request.version)
         return pb.ModelMetadataResponse(
-            name=request.name, versions=["1"], platform=record.model_type,
+            name=request.name, versions=[MODEL_VERSION],
+            platform=known_format(record.model_type, record.storage_key) or record.model_type,
             inputs=[pb.ModelMetadataResponse.TensorMetadata(
                 name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in sig.inputs],
             outputs=[pb.ModelMetadataResponse.TensorMetadata(
@@ -149,6 +151,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):  # noqa: N802
         model_id = self._model_id(request.name, context)
         await self.registry.require_model(model_id)
+        if request.version and request.version != MODEL_VERSION and \
+                not self.data.passes_bytes(model_id):
+            return pb.ModelReadyResponse(ready=False)  # no such version (as Triton answers)
         if self.data.is_ready(model_id):
             return pb.ModelReadyResponse(ready=True)
         # The local cache, checked above, is the truth here.
@@ -163,7 +168,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors("ModelConfig")
     async def ModelConfig(self, request, context):  # noqa: N802
-        _, meta = await self._metadata(pb.ModelMetadataRequest(name=request.name), context)
+        _, meta = await self._metadata(
+            pb.ModelMetadataRequest(name=request.name, version=request.version), context)
 
         def tensors(specs, cls):
             return [cls(name=t.name, data_type=_CONFIG_TYPES.get(t.datatype, mc.TYPE_INVALID),

@@ -41,13 +41,15 @@ def status_proto(s: ModelStatus) -> mm.ModelStatusInfo:
 
 
 def vstatus_proto(v: VModelStatus) -> mm.VModelStatusInfo:
-    return _VS(
+    out = _VS(
         status=_VS.VModelStatus.Value(v.state.value if v.state is not None else "NOT_FOUND"),
         activeModelId=v.active_model,
         targetModelId=v.target_model, owner=v.owner,
         activeModelStatus=status_proto(v.active_status),
-        targetModelStatus=status_proto(v.target_status),
     )
+    if v.target_model != v.active_model:  # as model-mesh.proto says: only while they differ
+        out.targetModelStatus.CopyFrom(status_proto(v.target_status))
+    return out
 
 
 def _count(name: str, text: str) -> int:
@@ -117,7 +119,7 @@ class ModelMeshServicer(mm_grpc.ModelMeshServicer):
 
     @grpc_errors("getVModelStatus")
     async def getVModelStatus(self, request, context):  # noqa: N802
-        return vstatus_proto(self.models.vmodel_status(request.vModelId))
+        return vstatus_proto(self.models.vmodel_status(request.vModelId, owner=request.owner))
 
     @grpc_errors("deleteVModel")
     async def deleteVModel(self, request, context):  # noqa: N802

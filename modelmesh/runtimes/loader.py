@@ -13,8 +13,15 @@ from pathlib import Path
 
 from modelmesh.registry.records import ModelRecord
 from modelmesh.runtimes import get_runtime
-from modelmesh.runtimes.base import LoadedModel
+from modelmesh.runtimes.base import LoadedModel, Runtime
+from modelmesh.runtimes.formats import model_format
 from modelmesh.storage import ModelFiles
+
+
+def runtime_for(record: ModelRecord) -> Runtime:
+    """The embedded runtime of a record's format (``mt:onnx``, ``onnx``, or the JSON key's
+    ``model_type``: ``modelmesh.runtimes.formats``)."""
+    return get_runtime(model_format(record.model_type, record.storage_key))
 
 
 class EmbeddedLoader:
@@ -28,10 +35,10 @@ class EmbeddedLoader:
         return self.files.local_files(record)
 
     def predict_size(self, record: ModelRecord) -> int:
-        return self.files.predict_size(record, get_runtime(record.model_type).predict_size)
+        return self.files.predict_size(record, runtime_for(record).predict_size)
 
     def load(self, record: ModelRecord) -> LoadedModel:
-        runtime = get_runtime(record.model_type)
+        runtime = runtime_for(record)
         with self.files.located(record) as model:
             # The runtime opens its files within the scope they were checked in.
             return runtime.load(model.path, record.model_id, model.scope)

@@ -23,6 +23,7 @@ from modelmesh.registry.store import Registry
 from modelmesh.routing.peers import PeerPool
 from modelmesh.routing.router import Router
 from modelmesh.runtimes.base import LoadedModel
+from modelmesh.runtimes.formats import check_format
 from modelmesh.tensor import ModelSignature, Tensor
 from modelmesh.view import MeshView
 from placement import get_policy
@@ -97,7 +98,7 @@ def build(me: str = "me", capacity: int = 10_000, policy: str = "density",
     router = Router(node, registry, cache, dataplane, view, chosen, PeerPool(1 << 20), metrics,
                     spawn, max_hops=2)
     lifecycle = ModelLifecycle(node, registry, cache, view, router, spawn,
-                               check_location=lambda path, key: None, load_timeout=5.0)
+                               check_model=check_format, load_timeout=5.0)
     registry.add_listener(lifecycle.on_registry_change)
     put(registry, *(InstanceRecord(iid, f"127.0.0.1:{1 + i}", capacity)
                     for i, iid in enumerate((me, *peers))))

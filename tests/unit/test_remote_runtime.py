@@ -16,6 +16,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from modelmesh import codec
 from modelmesh.errors import InvalidArgument, ModelLoadFailed
+from modelmesh.headers import runtime_id_headers
 from modelmesh.registry.records import ModelRecord
 from modelmesh.runtimes.loader import EmbeddedLoader
 from modelmesh.runtimes.remote import RepositoryRuntimeLoader, RuntimeBinding
@@ -83,7 +84,18 @@ def test_forwarded_metadata_carries_the_model_id_and_drops_transport_and_mesh_he
     md = (("mm-vmodel-id", "v"), ("mm-model-id", "old"), ("mm-hops", "1"), ("user-agent", "x"),
           ("grpc-timeout", "1S"), ("x-request-id", "r1"), ("trace-bin", b"\x00"))
     assert _forward_metadata(md, "m1") == (
-        ("x-request-id", "r1"), ("trace-bin", b"\x00"), ("mm-model-id", "m1"))
+        ("x-request-id", "r1"), ("trace-bin", b"\x00"), ("mm-model-id", "m1"),
+        ("mm-model-id-bin", b"m1"))
+
+
+@pytest.mark.parametrize(("model_id", "expected"), [
+    ("plain-id", (("mm-model-id", "plain-id"), ("mm-model-id-bin", b"plain-id"))),
+    ("caf\u00e9", (("mm-model-id-bin", "caf\u00e9".encode()),)),
+    ("del\x7f", (("mm-model-id-bin", b"del\x7f"),)),
+    ("line\u2028sep", (("mm-model-id-bin", "line\u2028sep".encode()),)),
+])
+def test_runtimes_always_get_the_binary_id_and_the_text_one_when_it_fits(model_id, expected):
+    assert runtime_id_headers(model_id) == expected
 
 
 # --------------------------------------------------------------------------- addresses

@@ -30,7 +30,7 @@ from modelmesh.errors import (
     Unavailable,
     UpstreamError,
 )
-from modelmesh.headers import MODEL_ID, id_header
+from modelmesh.headers import runtime_id_headers
 from modelmesh.registry.records import ModelRecord
 from modelmesh.runtimes.base import LoadedModel
 from modelmesh.settings import RuntimeAddress
@@ -58,7 +58,7 @@ def _forward_metadata(
         (k, v) for k, v in metadata
         if k not in _DROP_KEYS and not k.startswith(_DROP_PREFIXES)
     )
-    return (*kept, id_header(MODEL_ID, model_id))
+    return (*kept, *runtime_id_headers(model_id))
 
 
 def _code(code: grpc.StatusCode) -> Code:
@@ -107,7 +107,7 @@ class RemoteModel(LoadedModel):
         codec.encode_inputs(inputs, request)
         if parameters:
             codec.python_to_params(parameters, request.parameters)
-        metadata = (id_header(MODEL_ID, self.model_id),)
+        metadata = runtime_id_headers(self.model_id)
         for attempt in (0, 1):
             generation = self._generation
             try:
@@ -212,7 +212,7 @@ class RemoteLoader(ABC):
         try:
             meta = self.v2.ModelMetadata(
                 pb.ModelMetadataRequest(name=self.runtime_name(model_id)),
-                metadata=(id_header(MODEL_ID, model_id),), timeout=CALL_TIMEOUT_S)
+                metadata=runtime_id_headers(model_id), timeout=CALL_TIMEOUT_S)
         except grpc.RpcError as exc:
             log.info("%s: no metadata for %s (%s)", self.describe(), model_id, exc.code())  # type: ignore[attr-defined]
             return ModelSignature((), ())

@@ -25,6 +25,7 @@ from modelmesh.errors import InvalidArgument, MeshError, ModelLoadFailed, Unavai
 from modelmesh.registry.records import ModelRecord
 from modelmesh.runtimes import MODEL_TYPES, get_runtime
 from modelmesh.runtimes._model_files import BadModelFile, model_file, total_size
+from modelmesh.runtimes.formats import known_format
 from modelmesh.runtimes.loader import EmbeddedLoader
 from modelmesh.runtimes.remote.model import (
     CALL_TIMEOUT_S,
@@ -107,7 +108,7 @@ class RepositoryRuntimeLoader(RemoteLoader):
             shutil.rmtree(marker.parent, ignore_errors=True)
 
     def predict_size(self, record: ModelRecord) -> int:
-        if record.model_type in MODEL_TYPES:
+        if _format(record) in MODEL_TYPES:
             return self.files.predict_size(record)
         with self.files.local_files(record) as path:
             return max(1, int(total_size(path) * UNKNOWN_FORMAT_FACTOR))
@@ -190,10 +191,10 @@ class RepositoryRuntimeLoader(RemoteLoader):
             (out / "model-settings.json").unlink()
             (out / "model-settings.json").write_text(json.dumps(settings, indent=2))
             return
-        implementation = MLSERVER_IMPLEMENTATIONS.get(record.model_type)
+        implementation = MLSERVER_IMPLEMENTATIONS.get(_format(record))
         if implementation is None:
             raise InvalidArgument(
-                f"MLServer has no runtime here for model type '{record.model_type}' "
+                f"MLServer has no runtime here for model type '{_format(record)}' "
                 f"(supported: {', '.join(MLSERVER_IMPLEMENTATIONS)}); or register a directory "
                 "holding its own model-settings.json"
             )
@@ -211,10 +212,10 @@ class RepositoryRuntimeLoader(RemoteLoader):
         if source.is_dir() and (source / "config.pbtxt").is_file():
             _link_tree(source, out)
             return
-        layout = TRITON_LAYOUTS.get(record.model_type)
+        layout = TRITON_LAYOUTS.get(_format(record))
         if layout is None:
             raise InvalidArgument(
-                f"no Triton layout here for model type '{record.model_type}' (supported: "
+                f"no Triton layout here for model type '{_format(record)}' (supported: "
                 f"{', '.join(TRITON_LAYOUTS)}); or register a directory holding its own "
                 "config.pbtxt and version directories"
             )
@@ -227,12 +228,19 @@ class RepositoryRuntimeLoader(RemoteLoader):
     def _model_file(record: ModelRecord, source: Path) -> Path:
         """The model file in ``source``, found as the mesh's own runtime for the type finds it."""
         suffixes: tuple[str, ...] = ()
-        if record.model_type in MODEL_TYPES:
-            suffixes = get_runtime(record.model_type).suffixes
+        fmt = _format(record)
+        if fmt in MODEL_TYPES:
+            suffixes = get_runtime(fmt).suffixes
         try:
-            return model_file(source, record.model_type, suffixes)
+            return model_file(source, fmt, suffixes)
         except BadModelFile as exc:
             raise InvalidArgument(str(exc)) from None
+
+
+def _format(record: ModelRecord) -> str:
+    """The record's format as the mesh names it (``mt:sklearn`` -> ``sklearn``), else its
+    type as registered."""
+    return known_format(record.model_type, record.storage_key) or record.model_type
 
 
 def _link(source: Path, target: Path) -> None:
