@@ -170,3 +170,28 @@ async def test_health_service_checks_and_streams_changes() -> None:
             unknown_watch.cancel()
     finally:
         await server.stop(0)
+
+
+async def test_a_watcher_keeps_hearing_after_another_watcher_of_its_service_leaves() -> None:
+    service = HealthService(["mmesh.ModelMesh"])
+    await service.set_serving(True)
+    server = grpc.aio.server()
+    service.add_to(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            request = health_pb2.HealthCheckRequest(service="mmesh.ModelMesh")
+            leaving, staying = stub.Watch(request, timeout=10), stub.Watch(request, timeout=10)
+            assert (await leaving.read()).status == H.SERVING
+            assert (await staying.read()).status == H.SERVING
+            leaving.cancel()
+            # The server has seen the cancellation once a new Check round-trips after it.
+            await stub.Check(request, timeout=5)
+            await service.set_serving(False)
+            got = await asyncio.wait_for(staying.read(), 5)
+            assert got.status == H.NOT_SERVING
+            staying.cancel()
+    finally:
+        await server.stop(0)
