@@ -11,7 +11,11 @@ Wiring, bottom up::
 
     registry (etcd mirror) -> cache (+ loader: embedded or a runtime server)
       -> dataplane -> membership -> view -> router -> lifecycle -> scaling
-      -> gRPC servicers (api/)
+      -> gRPC servicers (api/), the gRPC health service and reflection
+
+Readiness (V2 ServerReady, gRPC health, the metrics port's /ready) changes in one
+place, ``_set_readiness``: ready at the end of ``start()``, not ready from the
+first moment of ``drain()`` or ``stop()``. A heartbeat task keeps /live honest.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,8 +31,11 @@ from typing import Any
 
 import grpc
 
+from modelmesh._proto.mmesh import mesh_extensions_pb2 as ext_pb
 from modelmesh._proto.mmesh import mesh_extensions_pb2_grpc as ext_grpc
+from modelmesh._proto.mmesh import model_mesh_pb2 as mm_pb
 from modelmesh._proto.mmesh import model_mesh_pb2_grpc as mm_grpc
+from modelmesh.api import health, reflection
 from modelmesh.api.inference import InferenceServicer
 from modelmesh.api.management import ExtensionsServicer, ModelMeshServicer
 from modelmesh.cache.local import CacheEvent, EventKind, ModelCache
@@ -37,7 +45,7 @@ from modelmesh.errors import MeshError, Unavailable
 from modelmesh.lifecycle import ModelLifecycle
 from modelmesh.membership import Membership
 from modelmesh.metrics import Metrics
-from modelmesh.node import Node
+from modelmesh.node import Node, heartbeat
 from modelmesh.registry.embedded import EmbeddedEtcd
 from modelmesh.registry.etcd import EtcdClient
 from modelmesh.registry.store import Registry
@@ -112,6 +120,7 @@ class MeshInstance:
         self.router: Router | None = None
         self.executor: ThreadPoolExecutor | None = None
         self._server: grpc.aio.Server | None = None
+        self._health: health.HealthService | None = None
         self._membership: Membership | None = None
 
     @property
@@ -135,6 +144,12 @@ class MeshInstance:
     async def _start(self, endpoints: list[str]) -> None:
         s = self.settings
         node, metrics, spawn = self.node, self.metrics, self.supervisor.spawn
+        # Probes first: /live answers (and /ready says "starting") while etcd is reached.
+        spawn(heartbeat(node), "heartbeat")
+        if s.metrics_port >= 0:
+            self.metrics_port = metrics.serve(
+                s.metrics_port, live=lambda: node.liveness(time.monotonic()),
+                ready=node.readiness)
 
         self.client = client = EtcdClient(endpoints, timeout=10.0)
         registry = Registry(client, s.etcd_prefix)
@@ -195,11 +210,9 @@ class MeshInstance:
         node.instance_id = s.resolved_instance_id(self.port)
         await membership.start(s.advertise or f"127.0.0.1:{self.port}")
         spawn(scaling.run(), "scaling")
-        if s.metrics_port >= 0:
-            self.metrics_port = metrics.serve(s.metrics_port)
         if s.demo:
             await self._register_demo_models(lifecycle)
-        node.ready = True
+        await self._set_readiness(ready=True)
         log.info("instance %s serving on port %d (etcd %s, capacity %d bytes)",
                  node.instance_id, self.port, ",".join(endpoints), s.capacity)
 
@@ -234,6 +247,13 @@ class MeshInstance:
         server.add_registered_method_handlers(service, handlers)
         mm_grpc.add_ModelMeshServicer_to_server(management, server)
         ext_grpc.add_ModelMeshExtensionsServicer_to_server(extensions, server)
+        served = (service, mm_pb.DESCRIPTOR.services_by_name["ModelMesh"].full_name,
+                  ext_pb.DESCRIPTOR.services_by_name["ModelMeshExtensions"].full_name)
+        self._health = health.HealthService(served)
+        await self._health.set_serving(False)  # until start-up ends (_set_readiness)
+        self._health.add_to(server)
+        if s.grpc_reflection:
+            reflection.enable(server, (*served, health.SERVICE_NAME))
         self.port = server.add_insecure_port(f"{s.host}:{s.port}")
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {s.host}:{s.port}")
@@ -246,6 +266,25 @@ class MeshInstance:
             record = lifecycle.new_record(m.model_id, m.model_type, str(m.path))
             await lifecycle.register(record, replace=True, load_now=True)
         log.info("demo models registered: %s", ", ".join(m.model_id for m in models))
+
+    # -- readiness ----------------------------------------------------------------------
+
+    async def _set_readiness(self, *, ready: bool = False, draining: bool = False,
+                             stopping: bool = False) -> None:
+        """The one place readiness changes: the node's flags, then the gRPC health statuses.
+
+        ``Node.readiness()`` turns the flags into what V2 ServerReady, /ready and
+        the health service report; Watch streams see the change at once.
+        """
+        node = self.node
+        if ready:
+            node.ready = True
+        if draining:
+            node.draining = True
+        if stopping:
+            node.stopping, node.ready = True, False
+        if self._health is not None:
+            await self._health.set_serving(node.readiness()[0])
 
     # -- drain and stop ---------------------------------------------------------------
 
@@ -261,7 +300,7 @@ class MeshInstance:
         node = self.node
         if node.draining or not node.ready or self.cache is None or self._membership is None:
             return
-        node.draining = True
+        await self._set_readiness(draining=True)  # out of rotation before anything else
         self.cache.refuse_loads = "this instance is shutting down"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_timeout
@@ -278,8 +317,7 @@ class MeshInstance:
         node = self.node
         if node.stopping:
             return
-        node.stopping = True
-        node.ready = False
+        await self._set_readiness(stopping=True)
         if self._server is not None:
             await self._server.stop(grace)
         await self.supervisor.close()

@@ -1,18 +1,38 @@
 """Prometheus metrics, named as KServe ModelMesh names them where the meaning matches.
 
 Each instance owns its own ``CollectorRegistry`` so several instances (in tests)
-can live in one process.
+can live in one process. The metrics port also answers the HTTP probes:
+``/metrics`` (prometheus_client's own WSGI app: content negotiation, gzip),
+``/live`` and ``/ready`` (200 or 503 with a small JSON body), 404 elsewhere.
+It runs in its own thread, so it answers even while the event loop is busy,
+and a wedged loop shows as a failing ``/live`` (``Node.liveness``).
 """
 
 from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
+
+#: A probe: () -> (ok, reason when not ok). Called from the HTTP server's threads.
+Probe = Callable[[], tuple[bool, str]]
+_WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def _always() -> tuple[bool, str]:
+    return True, ""
 
 _MS_BUCKETS = (0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 
@@ -132,9 +152,15 @@ class Metrics:
             "Models evicted from the local disk cache since start", registry=r,
         )
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Start the /metrics HTTP endpoint in a daemon thread; returns its port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "0.0.0.0", live: Probe = _always,
+              ready: Probe = _always) -> int:
+        """Start the metrics and probe HTTP server in a daemon thread; returns its port."""
+        family, addr = _family(host, port)
+        server_class = type("ProbeServer", (ThreadingWSGIServer,), {"address_family": family})
+        app = probe_app(make_wsgi_app(self.registry), live, ready)
+        server: WSGIServer = make_server(addr, port, app, server_class,
+                                         handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="mm-metrics-http", daemon=True).start()
         self._server = server
         return int(server.server_port)
 
@@ -143,3 +169,58 @@ class Metrics:
         if server is not None:
             server.shutdown()
             server.server_close()
+
+
+def probe_app(metrics_app: _WSGIApp, live: Probe, ready: Probe) -> _WSGIApp:
+    """The metrics port's WSGI app: /metrics, /live, /ready (GET and HEAD); 404 elsewhere."""
+    probes = {"/live": ("live", live), "/ready": ("ready", ready)}
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET")
+        head = method == "HEAD"
+        if method not in ("GET", "HEAD"):
+            return _answer(start_response, "405 Method Not Allowed",
+                           [("Allow", "GET, HEAD")], b"", head)
+        if path == "/metrics":
+            if not head:
+                return metrics_app(environ, start_response)
+            seen: dict[str, Any] = {}
+
+            def keep(status: str, headers: list[tuple[str, str]], *_: Any) -> None:
+                seen.update(status=status, headers=headers)
+
+            body = b"".join(metrics_app({**environ, "REQUEST_METHOD": "GET"}, keep))
+            return _answer(start_response, seen["status"], seen["headers"], body, head)
+        if path in probes:
+            key, probe = probes[path]
+            ok, reason = probe()
+            doc: dict[str, Any] = {key: ok} if ok else {key: ok, "reason": reason}
+            return _answer(start_response, "200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "application/json")],
+                           json.dumps(doc).encode() + b"\n", head)
+        return _answer(start_response, "404 Not Found", [("Content-Type", "text/plain")],
+                       b"not found: use /metrics, /live or /ready\n", head)
+
+    return app
+
+
+def _answer(start_response: Callable[..., Any], status: str, headers: list[tuple[str, str]],
+            body: bytes, head: bool) -> list[bytes]:
+    """Answer with ``body``; to HEAD, the same headers (its length too) and no body."""
+    headers = [h for h in headers if h[0].lower() != "content-length"]
+    start_response(status, [*headers, ("Content-Length", str(len(body)))])
+    return [b""] if head else [body]
+
+
+def _family(host: str, port: int) -> tuple[socket.AddressFamily, str]:
+    """The address family for ``host`` (IPv6 hosts too), as prometheus_client picks it."""
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = info[0]
+    return family, str(sockaddr[0])
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No log line per request (probes come every few seconds)."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass

@@ -147,7 +147,8 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("port", "--port", "MM_PORT", int, "gRPC port for V2 inference and management (0 = any free port)"),
     Option("host", "--host", "MM_HOST", str, "address to listen on"),
-    Option("metrics_port", "--metrics-port", "MM_METRICS_PORT", int, "Prometheus /metrics port (0 = any free port, -1 = off)"),
+    Option("metrics_port", "--metrics-port", "MM_METRICS_PORT", int, "HTTP port for Prometheus /metrics and the /live and /ready probes (0 = any free port, -1 = off)"),
+    Option("grpc_reflection", "--grpc-reflection", "MM_GRPC_REFLECTION", _bool, "serve gRPC server reflection on the gRPC port, so grpcurl can list and describe the services without .proto files (`--no-grpc-reflection` or `MM_GRPC_REFLECTION=false` turns it off)"),
     Option("data_dir", "--data-dir", "MM_DATA_DIR", Path, "instance state: embedded etcd data, logs"),
     Option("capacity", "--capacity", "MM_CAPACITY", parse_bytes, "bytes of model memory this instance may use (suffixes: KiB MiB GiB, KB MB GB); a model measured larger than this after loading is unloaded again and refused with `RESOURCE_EXHAUSTED` (its size is kept in the registry, so later requests are refused before loading)"),
     Option("models_root", "--models-root", "MM_MODELS_ROOT", Path, "directory model paths are resolved against; paths outside it are refused"),
@@ -187,6 +188,7 @@ class Settings:
     port: int = 8033
     host: str = "0.0.0.0"
     metrics_port: int = 2112
+    grpc_reflection: bool = True
     data_dir: Path = Path("data")
     capacity: int = parse_bytes("1GiB")
     models_root: Path = Path("models")
@@ -230,8 +232,8 @@ class Settings:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every option as a flag whose default is 'not given' (env and defaults apply later)."""
     for opt in OPTIONS:
-        if opt.parse is _bool:
-            parser.add_argument(opt.flag, dest=opt.name, action="store_const", const=True,
+        if opt.parse is _bool:  # --X sets it, --no-X clears it (for options on by default)
+            parser.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=f"{opt.help} [{opt.env}]")
         else:
             parser.add_argument(opt.flag, dest=opt.name, default=None, help=f"{opt.help} [{opt.env}]")

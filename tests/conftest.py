@@ -67,7 +67,8 @@ class MeshProcess:
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> MeshProcess:
+    def start(self, timeout: float = 60.0, wait: bool = True) -> MeshProcess:
+        """Start the process and (unless ``wait`` is false) wait until ServerReady says true."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "modelmesh", "serve", *self.args],
@@ -75,7 +76,8 @@ class MeshProcess:
             cwd=REPO,
         )
         log.close()
-        self.wait_ready(timeout)
+        if wait:
+            self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:

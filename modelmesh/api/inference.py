@@ -134,10 +134,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- server -----------------------------------------------------------------
 
     async def ServerLive(self, request, context):  # noqa: N802
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=True)  # it answers, so it is serving
 
     async def ServerReady(self, request, context):  # noqa: N802
-        return pb.ServerReadyResponse(ready=self.node.ready)
+        # As gRPC health and /ready: false while starting, draining or stopping.
+        return pb.ServerReadyResponse(ready=self.node.readiness()[0])
 
     async def ServerMetadata(self, request, context):  # noqa: N802
         return pb.ServerMetadataResponse(
