@@ -481,10 +481,14 @@ def test_runtime_spi(spi_runtime, models_root):
         assert by_name.model_name == "a"
 
         with pytest.raises(grpc.RpcError) as err:
-            spi.loadModel(rt.LoadModelRequest(modelId="b", modelType="pytorch", modelPath=path),
+            spi.loadModel(rt.LoadModelRequest(modelId="b", modelType="caffe2", modelPath=path),
                           timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "unknown model type 'pytorch'" in err.value.details()
+        assert "unknown model type 'caffe2'" in err.value.details()
+        # the controller's type labels are understood by `modelmesh runtime` too
+        assert spi.loadModel(rt.LoadModelRequest(modelId="b", modelType="mt:sklearn:1",
+                                                 modelPath=path), timeout=30).sizeInBytes > 0
+        spi.unloadModel(rt.UnloadModelRequest(modelId="b"), timeout=10)
         with pytest.raises(grpc.RpcError) as err:
             spi.loadModel(rt.LoadModelRequest(modelId="c", modelType="sklearn",
                                               modelPath="nope/model.joblib"), timeout=10)
