@@ -216,14 +216,14 @@ def _json_data(what: str, info: codec.DatatypeInfo, shape: tuple[int, ...], coun
         values = np.array(data, dtype=object)
     except ValueError:
         values = None
-    if values is not None and values.size != count:
-        raise InvalidArgument(f"{what} has {values.size} elements in 'data' but {needs}")
     flat = values.reshape(-1) if values is not None else None
     kinds = set(map(type, flat)) if flat is not None else {list}
     if list in kinds:
         raise InvalidArgument(f"{what}: nested 'data' is not rectangular (rows of "
                               "different lengths, or arrays mixed with values)")
     assert flat is not None and info.wire_dtype is not None
+    if flat.size != count:
+        raise InvalidArgument(f"{what} has {flat.size} elements in 'data' but {needs}")
     allowed = _ALLOWED[info.dtype.kind]
     if not kinds <= allowed:
         wrong = sorted({_TYPE_TEXT.get(k, k.__name__) for k in kinds - allowed})
