@@ -338,8 +338,16 @@ def test_binary_sizes_checked_against_shape_and_body(mesh):
 
 
 def test_oversized_body_is_413_before_it_is_read(mesh):
-    status, headers, body = request(mesh, "POST", "/v2/models/echo/infer", b"x" * (LIMIT + 1))
-    assert status == 413 and b"max-message-bytes" in body and headers.get("connection") == "close"
+    # no Content-Length (chunked): counted as it arrives, refused once past the limit
+    conn = http.client.HTTPConnection("127.0.0.1", mesh.http_port, timeout=30)
+    try:
+        conn.request("POST", "/v2/models/echo/infer", body=iter([b"x" * (LIMIT + 1)]),
+                     encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 413 and b"max-message-bytes" in resp.read()
+        assert resp.getheader("connection") == "close"
+    finally:
+        conn.close()
     # Content-Length alone decides: the server answers without waiting for any of the body
     conn = http.client.HTTPConnection("127.0.0.1", mesh.http_port, timeout=10)
     try:
@@ -464,3 +472,20 @@ def test_sigterm_lets_in_flight_rest_requests_finish(mesh_factory, etcd_server, 
     assert mp.proc.wait(60) == 0
     with pytest.raises(ConnectionError):
         request(mp, "GET", "/v2/health/live")
+
+
+def test_vmodels_resolve_by_path_and_header(mesh, client):
+    import grpc
+
+    from modelmesh._proto.mmesh import model_mesh_pb2 as mm
+    from modelmesh._proto.mmesh import model_mesh_pb2_grpc as mm_grpc
+
+    with grpc.insecure_channel(mesh.endpoint) as ch:
+        mm_grpc.ModelMeshStub(ch).setVModel(mm.SetVModelRequest(
+            vModelId="rest-vm", targetModelId="echo4", sync=True, loadNow=True), timeout=60)
+    x = np.full((1, 4), 3, np.float32)
+    assert (client.infer("rest-vm", [echo_input("x", x, "FP32", True)]).as_numpy("x") == 3).all()
+    r = client.infer("ignored", [echo_input("x", x, "FP32", False)],
+                     headers={"mm-vmodel-id": "rest-vm"})
+    assert (r.as_numpy("x") == 3).all()
+    assert client.is_model_ready("rest-vm")
