@@ -57,7 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"modelmesh serve: {exc}", file=sys.stderr)
             return 1
         print(f"modelmesh: instance {instance.instance_id} ready on port {instance.port}"
-              f" (metrics port {instance.metrics_port})", flush=True)
+              f" (HTTP port {instance.http_port}, metrics port {instance.metrics_port})",
+              flush=True)
         await stop.wait()
         # A second signal while draining stops at once.
         drain = asyncio.ensure_future(instance.drain())

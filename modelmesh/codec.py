@@ -48,6 +48,8 @@ __all__ = [
     "DatatypeInfo",
     "MAX_DIMS",
     "SHOWN_CHARS",
+    "check_raw_tensor",
+    "check_shape",
     "clip",
     "datatype_of",
     "decode_inputs",
@@ -321,7 +323,21 @@ def _check_tensor(
     info = DATATYPES.get(datatype)
     if info is None:
         raise InvalidArgument(f"{what}: {_unknown_datatype(datatype)}")
-    if len(shape_field) > MAX_DIMS:  # before the shape is copied: it may be millions long
+    shape, count = check_shape(what, shape_field)
+    if raw is not None:
+        _check_raw(what, info, shape, count, raw)
+    else:
+        _check_typed(what, info, shape, count, contents)
+    return _Checked(kind, name, info, shape, count, contents, raw)
+
+
+def check_shape(what: str, shape_field: Sequence[int]) -> tuple[tuple[int, ...], int]:
+    """(shape, element count) of a tensor's shape field, or ``InvalidArgument``.
+
+    ``what`` names the tensor in the message ("input 'x'"). Checked before the
+    shape is copied: it may be millions long.
+    """
+    if len(shape_field) > MAX_DIMS:
         raise InvalidArgument(
             f"{what} has {len(shape_field)} dimensions; at most {MAX_DIMS} are supported"
         )
@@ -341,11 +357,17 @@ def _check_tensor(
                     f"{what} has shape {_shape_text(shape)}: too many elements "
                     f"(more than {_MAX_ELEMENTS} across its non-zero dimensions)"
                 )
-    if raw is not None:
-        _check_raw(what, info, shape, count, raw)
-    else:
-        _check_typed(what, info, shape, count, contents)
-    return _Checked(kind, name, info, shape, count, contents, raw)
+    return shape, count
+
+
+def check_raw_tensor(kind: str, name: str, datatype: str, shape: Sequence[int],
+                     raw: bytes) -> None:
+    """The checks ``decode_inputs`` makes of one raw tensor, without decoding it.
+
+    For transports that assemble raw data themselves (REST's binary extension):
+    the same messages as a gRPC request with the same tensor would get.
+    """
+    _check_tensor(kind, name, datatype, shape, None, raw)
 
 
 def _check_raw(

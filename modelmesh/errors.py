@@ -89,6 +89,10 @@ class ModelLoadFailed(MeshError):
         self.reason = reason
 
 
+class RequestTooLarge(MeshError):
+    """A request (its body, or what it decompresses to) is larger than the mesh accepts."""
+
+
 class CapacityExceeded(MeshError):
     """Too large for this instance, or no room can be made right now (``transient``)."""
 

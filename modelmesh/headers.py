@@ -12,6 +12,7 @@ and the copy limits.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -87,8 +88,15 @@ class CallInfo:
 
     @classmethod
     def from_context(cls, context: grpc.aio.ServicerContext) -> CallInfo:
-        info = cls(timeout=context.time_remaining())
-        for k, v in context.invocation_metadata() or ():
+        return cls.from_pairs(context.invocation_metadata() or (), context.time_remaining())
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[str, str | bytes]],
+                   timeout: float | None = None) -> CallInfo:
+        """From (lowercase key, value) pairs: a gRPC call's metadata, or an HTTP request's
+        headers as the REST transport filters them (``http_metadata``)."""
+        info = cls(timeout=timeout)
+        for k, v in pairs:
             if k == HOPS:
                 try:
                     info.hops = int(v)
@@ -110,6 +118,38 @@ class CallInfo:
             elif k[0] != ":" and not k.startswith("grpc-") and k not in _NOT_FORWARDED:
                 info.metadata.append((k, v))
         return info
+
+
+#: HTTP headers that describe the HTTP message itself: never passed on as gRPC metadata.
+_HTTP_ONLY = frozenset({
+    "host", "connection", "keep-alive", "content-length", "content-type", "content-encoding",
+    "transfer-encoding", "accept", "accept-encoding", "expect", "upgrade", "te", "trailer",
+    "user-agent", "inference-header-content-length", "proxy-authorization",
+    "proxy-connection", "cookie",
+})
+
+
+def http_metadata(headers: Iterable[tuple[bytes, bytes]]) -> Metadata:
+    """An HTTP request's headers (ASGI: lowercase names, raw values) as call metadata.
+
+    Instances never call each other over HTTP, so ``mm-hops`` / ``mm-load-here``
+    are dropped. The mesh's id headers are read as UTF-8 (both forms, ``-bin`` too, name the
+    model by its UTF-8 text); other headers go on as metadata only when gRPC can
+    carry them (printable ASCII, no ``-bin``, not an HTTP message header).
+    """
+    out: Metadata = []
+    for raw_key, raw_value in headers:
+        key = raw_key.decode("latin-1").lower()
+        if key in (MODEL_ID, VMODEL_ID, _MODEL_ID_BIN, _VMODEL_ID_BIN):
+            out.append((key, raw_value.decode("utf-8", errors="replace").strip()))
+            continue
+        if key in _HTTP_ONLY or key in (HOPS, LOAD_HERE) or key.endswith(_BIN) \
+                or key.startswith(("grpc-", ":")):
+            continue
+        value = raw_value.decode("latin-1")
+        if _printable_ascii(key) and (not value or _printable_ascii(value)):
+            out.append((key, value))
+    return out
 
 
 def metadata_values(context: grpc.aio.ServicerContext, *keys: str) -> list[str]:

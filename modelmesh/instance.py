@@ -12,6 +12,7 @@ Wiring, bottom up::
     registry (etcd mirror) -> cache (+ loader: embedded or a runtime server)
       -> dataplane -> membership -> view -> router -> lifecycle -> scaling
       -> gRPC servicers (api/), the gRPC health service and reflection
+      -> the REST transport (rest/: V2 REST and KServe V1 on the V2 servicer's operations)
 
 Readiness (V2 ServerReady, gRPC health, the metrics port's /ready) changes in one
 place, ``_set_readiness``: ready at the end of ``start()``, not ready from the
@@ -49,6 +50,7 @@ from modelmesh.node import Node, heartbeat
 from modelmesh.registry.embedded import EmbeddedEtcd
 from modelmesh.registry.etcd import EtcdClient
 from modelmesh.registry.store import Registry
+from modelmesh.rest import RestApp, RestServer
 from modelmesh.routing.peers import PeerPool
 from modelmesh.routing.router import Router
 from modelmesh.runtimes.formats import check_format
@@ -111,6 +113,7 @@ class MeshInstance:
         self.node = Node()
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
         self.metrics = Metrics()
         self.supervisor = Supervisor()
         self.embedded_etcd: EmbeddedEtcd | None = None
@@ -120,6 +123,7 @@ class MeshInstance:
         self.router: Router | None = None
         self.executor: ThreadPoolExecutor | None = None
         self._server: grpc.aio.Server | None = None
+        self._rest: RestServer | None = None
         self._health: health.HealthService | None = None
         self._membership: Membership | None = None
 
@@ -203,18 +207,23 @@ class MeshInstance:
         registry.add_listener(router.on_registry_change)
         metrics.capacity_bytes.set(s.capacity)
 
-        self._server = await self._serve(InferenceServicer(
-            node, registry, cache, dataplane, router, lifecycle, view, metrics),
-            ModelMeshServicer(node, lifecycle, metrics),
-            ExtensionsServicer(node, registry, lifecycle, metrics))
+        inference = InferenceServicer(node, registry, cache, dataplane, router, lifecycle, view,
+                                      metrics)
+        self._server = await self._serve(inference, ModelMeshServicer(node, lifecycle, metrics),
+                                         ExtensionsServicer(node, registry, lifecycle, metrics))
+        if s.http_port >= 0:  # same loop, same router: a REST request costs no extra hop
+            self._rest = RestServer(RestApp(node, inference, metrics, s.max_message_bytes),
+                                    s.host, s.http_port)
+            self.http_port = await self._rest.start()
         node.instance_id = s.resolved_instance_id(self.port)
         await membership.start(s.advertise or f"127.0.0.1:{self.port}")
         spawn(scaling.run(), "scaling")
         if s.demo:
             await self._register_demo_models(lifecycle)
         await self._set_readiness(ready=True)
-        log.info("instance %s serving on port %d (etcd %s, capacity %d bytes)",
-                 node.instance_id, self.port, ",".join(endpoints), s.capacity)
+        log.info("instance %s serving on port %d (HTTP %s, etcd %s, capacity %d bytes)",
+                 node.instance_id, self.port, self.http_port if self._rest else "off",
+                 ",".join(endpoints), s.capacity)
 
     def _registration_check(self) -> Callable[[str, str, str], None]:
         """What a registration's (type, path, key) must satisfy where models run.
@@ -313,13 +322,15 @@ class MeshInstance:
         await asyncio.sleep(min(0.5, max(deadline - loop.time(), 0)))
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop serving, finish in-flight requests (up to ``grace``), release everything."""
+        """Stop serving (gRPC and REST), finish in-flight requests (up to ``grace``), release
+        everything."""
         node = self.node
         if node.stopping:
             return
         await self._set_readiness(stopping=True)
-        if self._server is not None:
-            await self._server.stop(grace)
+        # Both transports stop accepting at once and finish what is in flight (up to grace).
+        stops = [t.stop(grace) for t in (self._server, self._rest) if t is not None]
+        await asyncio.gather(*stops)
         await self.supervisor.close()
         if self.router is not None:
             await self.router.close()

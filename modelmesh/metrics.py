@@ -44,8 +44,8 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.api_request_ms = Histogram(
             "modelmesh_api_request_milliseconds",
-            "Time to serve an external inference request, end to end",
-            ["method", "code"], buckets=_MS_BUCKETS, registry=r,
+            "Time to serve an external inference request, end to end (protocol: grpc or rest)",
+            ["method", "code", "protocol"], buckets=_MS_BUCKETS, registry=r,
         )
         self.invoke_model_ms = Histogram(
             "modelmesh_invoke_model_milliseconds",
@@ -113,8 +113,9 @@ class Metrics:
             "modelmesh_batches", "Predictions that served several requests at once", registry=r,
         )
         self.request_bytes = Histogram(
-            "modelmesh_request_size_bytes", "Inference request payload size",
-            buckets=(1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8), registry=r,
+            "modelmesh_request_size_bytes",
+            "Inference request payload size (protocol: grpc or rest)",
+            ["protocol"], buckets=(1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8), registry=r,
         )
         # Storage: models pulled from object storage, and the local disk cache below memory.
         self.storage_downloads = Counter(

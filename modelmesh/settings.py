@@ -147,6 +147,7 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("port", "--port", "MM_PORT", int, "gRPC port for V2 inference and management (0 = any free port)"),
     Option("host", "--host", "MM_HOST", str, "address to listen on"),
+    Option("http_port", "--http-port", "MM_HTTP_PORT", int, "HTTP port for V2 REST (with Triton's binary tensor extension) and KServe V1 inference, served in the same process and event loop as gRPC (0 = any free port, -1 = off)"),
     Option("metrics_port", "--metrics-port", "MM_METRICS_PORT", int, "HTTP port for Prometheus /metrics and the /live and /ready probes (0 = any free port, -1 = off)"),
     Option("grpc_reflection", "--grpc-reflection", "MM_GRPC_REFLECTION", _bool, "serve gRPC server reflection on the gRPC port, so grpcurl can list and describe the services without .proto files (`--no-grpc-reflection` or `MM_GRPC_REFLECTION=false` turns it off)"),
     Option("data_dir", "--data-dir", "MM_DATA_DIR", Path, "instance state: embedded etcd data, logs"),
@@ -166,7 +167,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("disk_cache_capacity", "--disk-cache-capacity", "MM_DISK_CACHE_CAPACITY", parse_bytes, "bytes of local disk for pulled models, least recently used evicted first (0 = keep none)"),
     Option("max_concurrent_downloads", "--max-concurrent-downloads", "MM_MAX_CONCURRENT_DOWNLOADS", int, "files downloaded from storage at the same time"),
     Option("download_timeout", "--download-timeout", "MM_DOWNLOAD_TIMEOUT", parse_duration, "longest a storage connection or read may stall before the load fails"),
-    Option("max_message_bytes", "--max-message-bytes", "MM_MAX_MESSAGE_BYTES", parse_bytes, "largest gRPC request or response accepted"),
+    Option("max_message_bytes", "--max-message-bytes", "MM_MAX_MESSAGE_BYTES", parse_bytes, "largest gRPC or REST request (after gzip decompression) or response accepted; a larger REST body is refused with 413"),
     Option("inference_threads", "--inference-threads", "MM_INFERENCE_THREADS", int, "threads running model code (0 = 2 x CPUs)"),
     Option("inline_infer_ms", "--inline-infer-ms", "MM_INLINE_INFER_MS", float, "a model whose predictions usually take less than this runs on the serving thread instead of an inference thread (saves a thread hop per request; 0 = always use threads)"),
     Option("max_batch_rows", "--max-batch-rows", "MM_MAX_BATCH_ROWS", int, "concurrent requests for one model that are ready together are predicted in one call, up to this many rows (row-wise models only: scikit-learn, XGBoost, LightGBM, ONNX with a dynamic batch axis; 0 = never merge)"),
@@ -187,6 +188,7 @@ OPTIONS: tuple[Option, ...] = (
 class Settings:
     port: int = 8033
     host: str = "0.0.0.0"
+    http_port: int = 8008
     metrics_port: int = 2112
     grpc_reflection: bool = True
     data_dir: Path = Path("data")

@@ -62,10 +62,21 @@ class MeshProcess:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    #: The REST port (``--http-port``); -1 where the test turned REST off.
+    http_port: int = -1
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_endpoint(self) -> str:
+        """HOST:PORT of the REST transport (as tritonclient.http takes it)."""
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def start(self, timeout: float = 60.0, wait: bool = True) -> MeshProcess:
         """Start the process and (unless ``wait`` is false) wait until ServerReady says true."""
@@ -136,17 +147,21 @@ def _launcher(tmp_path: Path, models_root: Path) -> Iterator:
              env: dict[str, str] | None = None, start: bool = True) -> MeshProcess:
         port = port or free_port()
         metrics_port = free_port()
+        http_port = free_port()
         data_dir = data_dir or tmp_path / f"data-{port}"
         args = [
             "--port", str(port), "--host", "127.0.0.1", "--metrics-port", str(metrics_port),
+            "--http-port", str(http_port),
             "--data-dir", str(data_dir), "--capacity", capacity,
             "--models-root", str(models_root), "--instance-id", f"test-{port}",
             "--mesh-name", f"t{port}",
         ]
         if etcd is not None:
             args += ["--etcd", etcd.endpoint]
+        if "--http-port" in extra:  # the test's own choice (e.g. -1: off)
+            http_port = int(extra[extra.index("--http-port") + 1])
         mp = MeshProcess([*args, *extra], port, metrics_port, tmp_path / f"mesh-{port}.log",
-                         env or {})
+                         env or {}, http_port=http_port)
         started.append(mp)
         return mp.start() if start else mp
 

@@ -47,6 +47,10 @@ _CONFIG_TYPES = {
 }
 
 
+#: What ServerMetadata lists; the REST transport adds ``binary_tensor_data``.
+EXTENSIONS = ("model_repository", "statistics", "mmesh")
+
+
 def _stat(d: Duration) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=d.count, ns=d.ns)
 
@@ -108,9 +112,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _metadata(self, request: pb.ModelMetadataRequest, context) -> tuple[
             str, pb.ModelMetadataResponse]:
-        """The model's metadata from wherever it is (or gets) loaded."""
-        model_id = self._model_id(request.name, context)
-        info = CallInfo.from_context(context)
+        return await self.metadata(request, CallInfo.from_context(context))
+
+    # -- the V2 operations, without gRPC: the REST transport calls these too -------
+
+    async def metadata(self, request: pb.ModelMetadataRequest, info: CallInfo) -> tuple[
+            str, pb.ModelMetadataResponse]:
+        """(model id, the model's metadata) from wherever it is (or gets) loaded."""
+        model_id = self.data.resolve(request.name, info.model_id, info.vmodel_id)
 
         async def local(record: ModelRecord) -> bytes:
             return (await self._local_metadata(request, record)).SerializeToString()
@@ -143,22 +152,71 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request, context):  # noqa: N802
         return pb.ServerMetadataResponse(
             name="modelmesh", version=__version__,
-            extensions=["model_repository", "statistics", "mmesh"],
+            extensions=list(EXTENSIONS),
         )
 
-    # -- models -------------------------------------------------------------------
+    async def model_ready(self, name: str, version: str, info: CallInfo) -> bool:
+        """Whether the model is loaded somewhere in the mesh (``ModelNotFound`` if unknown)."""
+        model_id = self.data.resolve(name, info.model_id, info.vmodel_id)
+        await self.registry.require_model(model_id)
+        if version and version != MODEL_VERSION and not self.data.passes_bytes(model_id):
+            return False  # no such version (as Triton answers)
+        if self.data.is_ready(model_id):
+            return True
+        # The local cache, checked above, is the truth here.
+        return bool(self.view.live_copies(model_id, (CopyState.LOADED,), include_self=False))
+
+    async def infer(self, raw: bytes, info: CallInfo) -> bytes:
+        """Serve a serialized ModelInferRequest here or where it should be served."""
+        model_id = self.data.resolve(wire.model_name(raw) if not info.model_id else "",
+                                     info.model_id, info.vmodel_id)
+        metadata = tuple(info.metadata)
+
+        def local(record: ModelRecord):
+            return self.data.infer_bytes(raw, record, metadata)
+
+        return await self.router.invoke(INFER, raw, model_id, info, local)
+
+    def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
+        """The registered models and their state on this instance."""
+        models = []
+        for model_id in self.registry.list_model_ids():
+            entry = self.cache.get(model_id)
+            state = entry.state.value if entry is not None else Status.NOT_LOADED.value
+            ready = entry is not None and entry.state is CopyState.LOADED
+            if ready_only and not ready:
+                continue
+            models.append(pb.RepositoryIndexResponse.ModelIndex(
+                name=model_id, version="1", state="READY" if ready else state,
+                reason=entry.error if entry is not None else "",
+            ))
+        return pb.RepositoryIndexResponse(models=models)
+
+    async def repository_load(self, name: str, info: CallInfo) -> None:
+        """Load the model (in the mesh, where placement says) and wait for it."""
+        if not name:
+            raise InvalidArgument("model_name is required")
+        model_id = self.data.resolve(name, info.model_id, info.vmodel_id)
+        await self.lifecycle.ensure_loaded(model_id, sync=True)
+        status = self.lifecycle.status(model_id)
+        if status.status is Status.LOADING_FAILED:
+            raise InvalidArgument(f"model '{codec.clip(model_id)}' failed to load: "
+                                  f"{'; '.join(status.errors)}")
+
+    async def repository_unload(self, name: str, info: CallInfo) -> None:
+        """Unload the model's copy on this instance (it stays registered)."""
+        model_id = self.data.resolve(name, info.model_id, info.vmodel_id)
+        if await self.registry.get_model(model_id) is None:
+            raise ModelNotFound(model_id,
+                                message=f"model '{codec.clip(model_id)}' is not registered")
+        self.cache.unload(model_id, reason=UnloadReason.REPOSITORY_UNLOAD)
+
+    # -- models (gRPC) ----------------------------------------------------------------
 
     @grpc_errors("ModelReady")
     async def ModelReady(self, request, context):  # noqa: N802
-        model_id = self._model_id(request.name, context)
-        await self.registry.require_model(model_id)
-        if request.version and request.version != MODEL_VERSION and \
-                not self.data.passes_bytes(model_id):
-            return pb.ModelReadyResponse(ready=False)  # no such version (as Triton answers)
-        if self.data.is_ready(model_id):
-            return pb.ModelReadyResponse(ready=True)
-        # The local cache, checked above, is the truth here.
-        ready = bool(self.view.live_copies(model_id, (CopyState.LOADED,), include_self=False))
+        ready = await self.model_ready(request.name, request.version,
+                                       CallInfo.from_context(context))
         return pb.ModelReadyResponse(ready=ready)
 
     @grpc_errors("ModelMetadata")
@@ -212,15 +270,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_errors("ModelInfer", histogram="api_request_ms")
     async def ModelInferRaw(self, raw: bytes, context) -> bytes:  # noqa: N802
         """ModelInfer on the request's bytes: routed, and forwarded without re-encoding."""
-        info = CallInfo.from_context(context)
-        model_id = self.data.resolve(wire.model_name(raw) if not info.model_id else "",
-                                     info.model_id, info.vmodel_id)
-        metadata = tuple(info.metadata)
-
-        def local(record: ModelRecord):
-            return self.data.infer_bytes(raw, record, metadata)
-
-        return await self.router.invoke(INFER, raw, model_id, info, local)
+        self.metrics.request_bytes.labels("grpc").observe(len(raw))
+        return await self.infer(raw, CallInfo.from_context(context))
 
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterator[bytes], context
@@ -257,38 +308,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors("RepositoryIndex")
     async def RepositoryIndex(self, request, context):  # noqa: N802
-        models = []
-        for model_id in self.registry.list_model_ids():
-            entry = self.cache.get(model_id)
-            state = entry.state.value if entry is not None else Status.NOT_LOADED.value
-            ready = entry is not None and entry.state is CopyState.LOADED
-            if request.ready and not ready:
-                continue
-            models.append(pb.RepositoryIndexResponse.ModelIndex(
-                name=model_id, version="1", state="READY" if ready else state,
-                reason=entry.error if entry is not None else "",
-            ))
-        return pb.RepositoryIndexResponse(models=models)
+        return self.repository_index(request.ready)
 
     @grpc_errors("RepositoryModelLoad")
     async def RepositoryModelLoad(self, request, context):  # noqa: N802
-        if not request.model_name:
-            raise InvalidArgument("model_name is required")
-        model_id = self._model_id(request.model_name, context)
-        await self.lifecycle.ensure_loaded(model_id, sync=True)
-        status = self.lifecycle.status(model_id)
-        if status.status is Status.LOADING_FAILED:
-            raise InvalidArgument(f"model '{codec.clip(model_id)}' failed to load: "
-                                  f"{'; '.join(status.errors)}")
+        await self.repository_load(request.model_name, CallInfo.from_context(context))
         return pb.RepositoryModelLoadResponse()
 
     @grpc_errors("RepositoryModelUnload")
     async def RepositoryModelUnload(self, request, context):  # noqa: N802
-        model_id = self._model_id(request.model_name, context)
-        if await self.registry.get_model(model_id) is None:
-            raise ModelNotFound(model_id,
-                                message=f"model '{codec.clip(model_id)}' is not registered")
-        self.cache.unload(model_id, reason=UnloadReason.REPOSITORY_UNLOAD)
+        await self.repository_unload(request.model_name, CallInfo.from_context(context))
         return pb.RepositoryModelUnloadResponse()
 
     # -- not offered ------------------------------------------------------------------

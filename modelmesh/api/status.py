@@ -28,6 +28,7 @@ from modelmesh.errors import (
     ModelNotFound,
     PreconditionFailed,
     Rejected,
+    RequestTooLarge,
     StorageError,
     Unavailable,
     Unimplemented,
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 #: Domain error -> status code, most specific class first (the first match wins).
 CODES: tuple[tuple[type[MeshError], Code], ...] = (
+    (RequestTooLarge, Code.RESOURCE_EXHAUSTED),  # as gRPC refuses an oversized message
     (InvalidArgument, Code.INVALID_ARGUMENT),
     (ModelNotFound, Code.NOT_FOUND),  # also VModelNotFound, NotLoaded
     (AlreadyExists, Code.ALREADY_EXISTS),
@@ -58,6 +60,14 @@ HTTP: dict[Code, int] = {
     Code.ABORTED: 409, Code.OUT_OF_RANGE: 400, Code.UNIMPLEMENTED: 501, Code.INTERNAL: 500,
     Code.UNAVAILABLE: 503, Code.DATA_LOSS: 500, Code.UNAUTHENTICATED: 401,
 }
+
+#: Domain errors whose HTTP code is more precise than their status code's (first match wins):
+#: an oversized body is 413, not 429 (that is load shedding); a model that failed to load is
+#: 503 (the client may retry once it is fixed or loads elsewhere), not 500 (a bug of ours).
+HTTP_OVERRIDES: tuple[tuple[type[MeshError], int], ...] = (
+    (RequestTooLarge, 413),
+    (ModelLoadFailed, 503),
+)
 
 _GRPC = {c: grpc.StatusCode[c.name] for c in Code}
 #: How much of an unexpected exception's text an INTERNAL answer repeats.
@@ -92,7 +102,16 @@ def from_grpc(code: grpc.StatusCode) -> Code:
 
 
 def http_status(exc: BaseException) -> int:
-    return HTTP[status_of(exc)[0]]
+    """The HTTP code for ``exc``: its status code's, or a more precise one (``HTTP_OVERRIDES``)."""
+    for cls, http in HTTP_OVERRIDES:
+        if isinstance(exc, cls):
+            return http
+    return HTTP[code_of(exc)]
+
+
+def http_answer(exc: BaseException) -> tuple[int, str]:
+    """(HTTP code, message) for any exception, as the REST transport answers it."""
+    return http_status(exc), status_of(exc)[1]
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -101,7 +120,7 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 def grpc_errors(method: str, histogram: str | None = None) -> Callable[[F], F]:
     """Decorate an async unary servicer method: map errors to statuses, time the call.
 
-    ``histogram`` names a metric on ``self.metrics`` with labels (method, code).
+    ``histogram`` names a metric on ``self.metrics`` with labels (method, code, protocol).
     Error answers carry ``mm-instance`` (the id of ``self.node``, where the
     servicer has one) so a forwarding instance knows the answer is this
     instance's and not a dead connection's, and ``mm-reject`` when the instance
@@ -142,7 +161,7 @@ def grpc_errors(method: str, histogram: str | None = None) -> Callable[[F], F]:
                 return None
             finally:
                 if histogram is not None:
-                    getattr(self.metrics, histogram).labels(method, code).observe(
+                    getattr(self.metrics, histogram).labels(method, code, "grpc").observe(
                         (time.perf_counter() - start) * 1000
                     )
 
