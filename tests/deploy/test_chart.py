@@ -392,7 +392,7 @@ def test_selectors_match_the_pods(helm: Path, variant: str) -> None:
         return all(labels.get(k) == v for k, v in selector.items())
 
     for d in docs:
-        component = d["spec"].get("selector", {}).get("app.kubernetes.io/component")
+        component = d.get("spec", {}).get("selector", {}).get("app.kubernetes.io/component")
         if d["kind"] == "Service" and component == "mesh":
             assert matches(d["spec"]["selector"], pod_labels)
             assert {p["targetPort"] for p in d["spec"]["ports"]} <= mesh_ports
