@@ -221,6 +221,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         return mc.ModelConfig(
             name=name, platform=meta.platform, backend="modelmesh", max_batch_size=0,
+            version_policy=mc.ModelVersionPolicy(
+                latest=mc.ModelVersionPolicy.Latest(num_versions=1)),  # one version
             input=tensors(meta.inputs, mc.ModelInput),
             output=tensors(meta.outputs, mc.ModelOutput),
         )

@@ -138,6 +138,7 @@ def test_every_datatype_round_trips(client, datatype, binary):
                           request_id="req-7")
     got = result.as_numpy("t")
     assert result.get_response()["id"] == "req-7"
+    assert result.get_response()["model_version"] == "1"  # the version served, as Triton
     assert result.get_output("t")["datatype"] == datatype
     if datatype == "BYTES":
         got = np.vectorize(lambda v: v if isinstance(v, bytes) else v.encode())(got)
@@ -497,6 +498,7 @@ def test_model_config_and_statistics(mesh, client):
     assert config["name"] == "echo4" and config["max_batch_size"] == 0
     assert config["input"][0]["name"] == "x" and config["input"][0]["data_type"] == "TYPE_FP32"
     assert config["input"][0]["dims"] == [-1, 4]  # numbers, not protobuf's int64 strings
+    assert config["version_policy"] == {"latest": {"num_versions": 1}}
     client.infer("echo4", [echo_input("x", np.ones((1, 4), np.float32), "FP32", True)])
     stats = client.get_inference_statistics("echo4")["model_stats"]
     assert [s["name"] for s in stats] == ["echo4"]
