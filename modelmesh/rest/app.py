@@ -81,6 +81,9 @@ class RestApp:
         self.v2 = v2
         self.metrics = metrics
         self.max_body = max_body
+        # Metric children looked up once: prometheus' labels() costs more than the observe.
+        self._latency: dict[tuple[str, str], Any] = {}
+        self._request_bytes = metrics.request_bytes.labels("rest")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan is off; websockets are not offered
@@ -110,8 +113,11 @@ class RestApp:
                     "headers": [(b"content-length", str(len(body)).encode()), *headers]})
         await send({"type": "http.response.body", "body": body})
         if operation in ("ModelInfer", "V1Predict"):
-            self.metrics.api_request_ms.labels(operation, code, "rest").observe(
-                (time.perf_counter() - start) * 1000)
+            latency = self._latency.get((operation, code))
+            if latency is None:
+                latency = self._latency[operation, code] = self.metrics.api_request_ms.labels(
+                    operation, code, "rest")
+            latency.observe((time.perf_counter() - start) * 1000)
 
     # -- routes ---------------------------------------------------------------------
 
@@ -297,7 +303,7 @@ class RestApp:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self.metrics.request_bytes.labels("rest").observe(len(body))
+        self._request_bytes.observe(len(body))
         if encoding in (b"identity", b""):
             return body
         if encoding in (b"gzip", b"x-gzip", b"deflate"):
