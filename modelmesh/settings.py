@@ -71,6 +71,14 @@ def _placement(text: str | tuple[str, dict[str, Any]]) -> tuple[str, dict[str, A
     return name or "density", params
 
 
+def _file(text: str) -> str:
+    """A file that must exist ("" = not set)."""
+    path = str(text).strip()
+    if path and not Path(path).expanduser().is_file():
+        raise ValueError(f"{path} is not a file")
+    return path
+
+
 def _runtime(text: str) -> str:
     """Validate a ``--runtime`` value (syntax in ``RuntimeAddress``)."""
     return str(RuntimeAddress.parse(str(text)))
@@ -147,6 +155,10 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("port", "--port", "MM_PORT", int, "gRPC port for V2 inference and management (0 = any free port)"),
     Option("host", "--host", "MM_HOST", str, "address to listen on"),
+    Option("tls_cert", "--tls-cert", "MM_TLS_CERT", _file, "PEM certificate (chain) of the serving ports (gRPC and REST): with --tls-key they use TLS; re-read when the file changes (new connections get the new one)"),
+    Option("tls_key", "--tls-key", "MM_TLS_KEY", _file, "PEM private key of --tls-cert"),
+    Option("tls_ca", "--tls-ca", "MM_TLS_CA", _file, "PEM CA: every client must present a certificate it signed (mutual TLS); instances present their own --tls-cert to each other and verify peers against it"),
+    Option("auth_file", "--auth-file", "MM_AUTH_FILE", _file, "YAML of bearer-token digests and client-certificate identities with roles (infer, read, manage); without it the mesh is open (README: Security); re-read when it changes"),
     Option("http_port", "--http-port", "MM_HTTP_PORT", int, "HTTP port for V2 REST (with Triton's binary tensor extension) and KServe V1 inference, served in the same process and event loop as gRPC (0 = any free port, -1 = off)"),
     Option("metrics_port", "--metrics-port", "MM_METRICS_PORT", int, "HTTP port for Prometheus /metrics and the /live and /ready probes (0 = any free port, -1 = off)"),
     Option("grpc_reflection", "--grpc-reflection", "MM_GRPC_REFLECTION", _bool, "serve gRPC server reflection on the gRPC port, so grpcurl can list and describe the services without .proto files (`--no-grpc-reflection` or `MM_GRPC_REFLECTION=false` turns it off)"),
@@ -188,6 +200,10 @@ OPTIONS: tuple[Option, ...] = (
 class Settings:
     port: int = 8033
     host: str = "0.0.0.0"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    auth_file: str = ""
     http_port: int = 8008
     metrics_port: int = 2112
     grpc_reflection: bool = True
@@ -269,6 +285,10 @@ def from_sources(args: argparse.Namespace | None = None,
         raise ValueError("--max-concurrent-downloads must be at least 1")
     if settings.max_hops < 1:
         raise ValueError("--max-hops must be at least 1")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if settings.tls_ca and not settings.tls_cert:
+        raise ValueError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
     return settings
 
 

@@ -48,6 +48,8 @@ from modelmesh.headers import CallInfo, http_metadata
 from modelmesh.metrics import Metrics
 from modelmesh.node import Node
 from modelmesh.rest import tensors
+from modelmesh.security.auth import Authorizer, role_of
+from modelmesh.security.tls import Identity
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -68,6 +70,17 @@ class _Answer(Exception):
         self.status, self.doc, self.headers = status, doc, headers
 
 
+def _identity(peercert: dict[str, Any] | None) -> Identity | None:
+    """A verified client certificate (``getpeercert()``'s dict) as an Identity."""
+    if not peercert:
+        return None
+    cn = next((v for rdn in peercert.get("subject", ()) for k, v in rdn if k == "commonName"),
+              "")
+    sans = frozenset(v for kind, v in peercert.get("subjectAltName", ())
+                     if kind in ("DNS", "URI", "IP Address"))
+    return Identity(cn, sans)
+
+
 class _ClientGone(Exception):
     """The client disconnected before its body arrived."""
 
@@ -76,11 +89,13 @@ class RestApp:
     """The ASGI application (``__call__``); one per instance."""
 
     def __init__(self, node: Node, v2: InferenceServicer, metrics: Metrics,
-                 max_body: int) -> None:
+                 max_body: int, authorizer: Authorizer | None = None) -> None:
         self.node = node
         self.v2 = v2
         self.metrics = metrics
         self.max_body = max_body
+        #: Decides each request's caller (None: the mesh is open, no TLS).
+        self.authorizer = authorizer
         # Metric children looked up once: prometheus' labels() costs more than the observe.
         self._latency: dict[tuple[str, str], Any] = {}
         self._request_bytes = metrics.request_bytes.labels("rest")
@@ -93,6 +108,8 @@ class RestApp:
         try:
             segments = [unquote(s) for s in scope["raw_path"].decode("latin-1").split("/")[1:]]
             operation, handler = self._route(scope["method"], segments)
+            if self.authorizer is not None:
+                self._admit(scope, operation)
             status, body, headers = await handler(scope, receive)
         except _Answer as a:
             status, body, headers = a.status, orjson.dumps(a.doc), ((b"content-type", _JSON),
@@ -118,6 +135,23 @@ class RestApp:
                 latency = self._latency[operation, code] = self.metrics.api_request_ms.labels(
                     operation, code, "rest")
             latency.observe((time.perf_counter() - start) * 1000)
+
+    def _admit(self, scope: Scope, operation: str) -> None:
+        """The caller (token and client certificate) must hold the operation's role.
+
+        REST never honours the internal headers (``http_metadata`` drops them), so a
+        peer is only a caller with every role here.
+        """
+        assert self.authorizer is not None
+        authorization = None
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                authorization = v.decode("latin-1")
+                break
+        peer = ((scope.get("extensions") or {}).get("tls") or {}).get("peercert")
+        principal = self.authorizer.principal(authorization, _identity(peer))
+        if not principal.peer:
+            self.authorizer.require(principal, role_of("", operation), operation)
 
     # -- routes ---------------------------------------------------------------------
 
