@@ -51,12 +51,16 @@ class Ingress(grpc.aio.ServerInterceptor):
     def _admit(self, method: str, context: grpc.aio.ServicerContext) -> None:
         """Decide the call (raises Unauthenticated / PermissionDenied) and mark its trust."""
         service, _, operation = method.lstrip("/").rpartition("/")
+        role = role_of(service, operation)
         identity = call_identity(context) if self.tls else None
+        if role is None:  # probes and discovery: open to anyone, steer nothing
+            INTERNAL_HEADERS_TRUSTED.set(not self.tls or self.authorizer.is_peer(identity))
+            return
         principal = self.authorizer.principal(_authorization(context), identity)
         # Internal headers: without TLS every caller is trusted (README: Security).
         INTERNAL_HEADERS_TRUSTED.set(principal.peer or not self.tls)
         if not principal.peer:
-            self.authorizer.require(principal, role_of(service, operation), operation)
+            self.authorizer.require(principal, role, operation)
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
