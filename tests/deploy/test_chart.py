@@ -39,6 +39,7 @@ VARIANTS = {
     "monitoring": "monitoring-values.yaml",
     "podmonitor": "podmonitor-values.yaml",
     "hostnetwork": "hostnetwork-values.yaml",
+    "tls": "tls-values.yaml",
 }
 #: Kubernetes versions the rendered manifests are validated against: one the chart's
 #: users run widely, and the newest kubernetes-validate ships.
@@ -446,6 +447,24 @@ def test_external_etcd_deploys_no_etcd(helm: Path) -> None:
                                "etcd-2.etcd.storage.svc:2379")
     assert flag(c, "labels") == "tier=cpu,zone=a"
     assert flag(c, "mesh-name") == "prod"
+
+
+def test_tls_and_auth_secrets_become_the_mesh_flags(helm: Path) -> None:
+    for kube in ("1.20.2", "1.27.0"):
+        docs = render(*_variant_args("tls"), "--kube-version", kube)
+        c = mesh_container(docs)
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        assert flag(c, "tls-cert") == f"{mounts['tls']}/tls.crt"
+        assert flag(c, "tls-key") == f"{mounts['tls']}/tls.key"
+        assert flag(c, "tls-ca") == f"{mounts['tls']}/ca.crt"
+        assert flag(c, "auth-file") == f"{mounts['auth']}/auth.yaml"
+        pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        assert secrets["tls"] == "modelmesh-tls" and secrets["auth"] == "modelmesh-auth"
+        # the kubelet's gRPC probe is plaintext: with TLS the probes are HTTP
+        assert "httpGet" in c["readinessProbe"] and "httpGet" in c["startupProbe"]
+    plain = mesh_container(render("--kube-version", "1.27.0"))
+    assert flag(plain, "tls-cert") is None and flag(plain, "auth-file") is None
 
 
 def test_existing_storage_config_secret_is_mounted_by_name(helm: Path) -> None:

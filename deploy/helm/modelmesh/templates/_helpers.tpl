@@ -110,11 +110,12 @@ limit of the container that holds the models (floored to whole bytes).
 {{- end -}}
 {{- end -}}
 
-{{/* "true" when readiness and startup probes use gRPC health. */}}
+{{/* "true" when readiness and startup probes use gRPC health (the kubelet's gRPC probe
+speaks plaintext only: with TLS on the serving port, "auto" means HTTP /ready). */}}
 {{- define "modelmesh.grpcProbes" -}}
 {{- if eq .Values.probes.type "grpc" -}}
 true
-{{- else if and (eq .Values.probes.type "auto") (semverCompare ">=1.24-0" .Capabilities.KubeVersion.Version) -}}
+{{- else if and (eq .Values.probes.type "auto") (not .Values.tls.secretName) (semverCompare ">=1.24-0" .Capabilities.KubeVersion.Version) -}}
 true
 {{- end -}}
 {{- end -}}
