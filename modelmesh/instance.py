@@ -48,7 +48,7 @@ from modelmesh.membership import Membership
 from modelmesh.metrics import Metrics
 from modelmesh.node import Node, heartbeat
 from modelmesh.registry.embedded import EmbeddedEtcd
-from modelmesh.registry.etcd import EtcdClient
+from modelmesh.registry.etcd import EtcdClient, EtcdSecurity
 from modelmesh.registry.store import Registry
 from modelmesh.rest import RestApp, RestServer
 from modelmesh.routing.peers import PeerPool
@@ -155,7 +155,8 @@ class MeshInstance:
                 s.metrics_port, live=lambda: node.liveness(time.monotonic()),
                 ready=node.readiness)
 
-        self.client = client = EtcdClient(endpoints, timeout=10.0)
+        self.client = client = EtcdClient(endpoints, timeout=10.0,
+                                          security=EtcdSecurity.from_settings(s))
         registry = Registry(client, s.etcd_prefix)
         try:
             revision = await registry.load()

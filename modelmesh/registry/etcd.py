@@ -5,21 +5,33 @@ It speaks etcd's gRPC API through the protobuf stubs that ship in ``aetcd``
 aetcd's own watch iterator ends for good when the connection drops, while the
 mesh needs a watch that survives an etcd restart and resumes from the last
 revision it saw (``watch_prefix``).
+
+Security (``EtcdSecurity``): TLS with the CA, client certificate and key that
+etcdctl calls ``--cacert/--cert/--key`` (files re-read on reconnect when their
+mtime changed, so rotated certificates are picked up), and etcd's own users:
+the client authenticates, sends the token as ``token`` metadata on every call
+and, when etcd says the token is invalid (expired simple tokens, a restarted or
+another member), authenticates again and retries once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from aetcd import rpc
 
 from modelmesh.errors import Unavailable
+
+if TYPE_CHECKING:
+    from modelmesh.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -113,49 +125,179 @@ def op_get(key: bytes, prefix: bool = False, count_only: bool = False) -> rpc.Re
         key=key, range_end=prefix_end(key) if prefix else b"", count_only=count_only))
 
 
+# -- security ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdSecurity:
+    """How to reach a secured etcd: TLS files (named as etcdctl names them) and a user.
+
+    Holds paths only; the password is read from ``password_file`` by the client.
+    """
+
+    cacert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    user: str = ""
+    password_file: Path | None = None
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> EtcdSecurity:
+        return cls(s.etcd_cacert, s.etcd_cert, s.etcd_key, s.etcd_user, s.etcd_password_file)
+
+
+def split_endpoints(endpoints: Sequence[str]) -> tuple[list[str], bool]:
+    """(gRPC targets HOST:PORT, whether a scheme asked for TLS) from etcd endpoints.
+
+    An endpoint is ``HOST:PORT``, ``http://HOST:PORT`` or ``https://HOST:PORT``
+    (a trailing ``/`` is dropped); mixing http:// and https:// is refused.
+    """
+    targets: list[str] = []
+    schemes: set[str] = set()
+    for endpoint in endpoints:
+        scheme, sep, rest = endpoint.strip().partition("://")
+        if sep:
+            if scheme.lower() not in ("http", "https"):
+                raise ValueError(f"etcd endpoint {endpoint!r}: the scheme must be http or https")
+            schemes.add(scheme.lower())
+        else:
+            rest = scheme
+        rest = rest.rstrip("/")
+        if not rest or "/" in rest:
+            raise ValueError(f"etcd endpoint {endpoint!r} is not [https://]HOST:PORT")
+        targets.append(rest)
+    if len(schemes) > 1:
+        raise ValueError("etcd endpoints mix http:// and https://")
+    return targets, schemes == {"https"}
+
+
+class _Files:
+    """Files read at start and again when their mtime changed (cheap rotation support)."""
+
+    def __init__(self, paths: Sequence[Path | None]) -> None:
+        self._paths = [p for p in paths if p is not None]
+        self._mtimes: dict[Path, int] = {}
+        self._data: dict[Path, bytes] = {}
+        self.refresh()
+
+    def _mtime(self, path: Path) -> int:
+        try:
+            return os.stat(path).st_mtime_ns
+        except OSError:
+            return -1
+
+    def changed(self) -> bool:
+        return any(self._mtime(p) != self._mtimes.get(p) for p in self._paths)
+
+    def refresh(self) -> None:
+        """Read every file that changed; raises OSError naming one that cannot be read."""
+        for path in self._paths:
+            mtime = self._mtime(path)
+            if mtime != self._mtimes.get(path) or path not in self._data:
+                self._data[path] = path.read_bytes()
+                self._mtimes[path] = mtime
+
+    def get(self, path: Path | None) -> bytes | None:
+        return None if path is None else self._data[path]
+
+
+def _token_rejected(exc: grpc.aio.AioRpcError) -> bool:
+    """etcd says the auth token is no good (expired, from another member, auth changed)."""
+    details = exc.details() or ""
+    return exc.code() == grpc.StatusCode.UNAUTHENTICATED or (
+        exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and ("invalid auth token" in details or "revision of auth store is old" in details))
+
+
+# gRPC's words for a TLS set-up that cannot work: retrying will not help a client that
+# has never reached etcd, so it gives up at once with a message saying what is wrong.
+_HANDSHAKE = ("handshake failed", "ssl_error", "certificate_verify_failed", "bad_certificate",
+              "certificate_required", "wrong_version_number")
+
+
+def _misconfigured(exc: grpc.aio.AioRpcError, tls: bool) -> bool:
+    details = (exc.details() or "").lower()
+    if any(word in details for word in _HANDSHAKE):
+        return True
+    return not tls and details.endswith("socket closed")
+
+
 class EtcdClient:
     """One connection to an etcd cluster, failing over between its endpoints.
 
     Every unary call retries on UNAVAILABLE across endpoints until ``timeout``
-    runs out, then raises ``modelmesh.errors.Unavailable``.
+    runs out, then raises ``modelmesh.errors.Unavailable`` with a message that
+    says what went wrong (TLS, authentication, permissions, or plain absence).
+    With ``security``, the channel uses TLS and/or etcd authentication.
     """
 
-    def __init__(self, endpoints: Sequence[str], timeout: float = 5.0) -> None:
+    def __init__(self, endpoints: Sequence[str], timeout: float = 5.0,
+                 security: EtcdSecurity | None = None) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
-        self.endpoints = list(endpoints)
+        self.endpoints, https = split_endpoints(endpoints)
         self.timeout = timeout
+        self.security = sec = security or EtcdSecurity()
+        self._tls = https or sec.cacert is not None or sec.cert is not None
+        # Read now: a missing or unreadable file fails the start, not the first call.
+        self._files = _Files([sec.cacert, sec.cert, sec.key, sec.password_file])
+        self._token: str | None = None
+        self._auth_lock = asyncio.Lock()
+        self._reached = False  # any call has succeeded: TLS and credentials work
+        self._misconfigured: set[int] = set()  # endpoints whose handshake cannot work
         self._index = 0
         self._channel: grpc.aio.Channel | None = None
         self._open(0)
 
+    def _credentials(self) -> grpc.ChannelCredentials:
+        sec, files = self.security, self._files
+        return grpc.ssl_channel_credentials(
+            root_certificates=files.get(sec.cacert),  # None: the system roots
+            private_key=files.get(sec.key), certificate_chain=files.get(sec.cert))
+
     def _open(self, index: int) -> None:
         self._index = index % len(self.endpoints)
         target = self.endpoints[self._index]
-        self._channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", _MAX_MESSAGE),
-                ("grpc.max_send_message_length", _MAX_MESSAGE),
-                ("grpc.keepalive_time_ms", 10_000),
-                ("grpc.keepalive_timeout_ms", 5_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                # Reconnect quickly after an etcd restart.
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 1000),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # Reconnect quickly after an etcd restart.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        if self._tls:
+            self._channel = grpc.aio.secure_channel(target, self._credentials(), options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
         self.kv = rpc.KVStub(self._channel)
         self.leases = rpc.LeaseStub(self._channel)
         self.watches = rpc.WatchStub(self._channel)
         self.maintenance = rpc.MaintenanceStub(self._channel)
+        self.auth = rpc.AuthStub(self._channel)
 
     async def _rotate(self, failed: grpc.aio.Channel | None) -> None:
-        if len(self.endpoints) == 1 or failed is not self._channel:
+        """After a failure on ``failed``: the next endpoint, or new credential files."""
+        if failed is not self._channel:
+            return
+        renewed = self._files.changed()
+        if renewed:
+            try:
+                self._files.refresh()
+            except OSError as exc:  # mid-rotation (a file replaced, not yet written)
+                log.warning("etcd: cannot re-read a credential file (%s); keeping the old", exc)
+                renewed = False
+        if len(self.endpoints) == 1 and not renewed:
             return
         old = self._channel
         self._open(self._index + 1)
-        log.info("etcd: switching to endpoint %s", self.endpoints[self._index])
+        if renewed:
+            log.info("etcd: credential files changed; reconnecting to %s",
+                     self.endpoints[self._index])
+        else:
+            log.info("etcd: switching to endpoint %s", self.endpoints[self._index])
         if old is not None:
             await old.close()
 
@@ -164,16 +306,83 @@ class EtcdClient:
             await self._channel.close()
             self._channel = None
 
-    async def _call(self, method: str, stub_attr: str, request: object) -> Any:
+    # -- authentication ---------------------------------------------------
+
+    async def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """The ``token`` metadata for a call (authenticating first if need be), or None."""
+        if not self.security.user:
+            return None
+        token = self._token
+        if token is None:
+            async with self._auth_lock:  # concurrent callers share one Authenticate
+                if self._token is None:
+                    self._token = await self._authenticate()
+                token = self._token
+        return (("token", token),)
+
+    def _drop_token(self, metadata: tuple[tuple[str, str], ...] | None) -> None:
+        """Forget the token ``metadata`` carried, unless another call already replaced it."""
+        if metadata and self._token == metadata[0][1]:
+            self._token = None
+
+    def _password(self) -> str:
+        if self._files.changed():
+            self._files.refresh()
+        raw = self._files.get(self.security.password_file) or b""
+        return raw.decode().removesuffix("\n").removesuffix("\r")
+
+    async def _authenticate(self) -> str:
+        req = rpc.AuthenticateRequest(name=self.security.user, password=self._password())
+        resp = await self._call("Authenticate", "auth", req, authenticated=False)
+        log.debug("etcd: authenticated as %r", self.security.user)
+        return str(resp.token)
+
+    # -- calls ------------------------------------------------------------
+
+    def _explain(self, method: str, exc: grpc.aio.AioRpcError) -> str:
+        """What went wrong, in words an operator can act on (never the password)."""
+        code, details = exc.code(), exc.details() or ""
+        low = details.lower()
+        sec = self.security
+        if "bad_certificate" in low or "certificate_required" in low:
+            what = (f"it refused the client certificate {sec.cert} (not signed by a CA it "
+                    "trusts, or expired)" if sec.cert else
+                    "it requires a client certificate: give --etcd-cert and --etcd-key")
+            return f"TLS handshake failed: {what} ({details})"
+        if "certificate_verify_failed" in low:
+            roots = sec.cacert or "the system roots"
+            return f"TLS handshake failed: etcd's certificate is not trusted by {roots} ({details})"
+        if "wrong_version_number" in low or ("handshake failed" in low and self._tls):
+            return (f"TLS handshake failed: does etcd serve plaintext? (drop https:// and "
+                    f"--etcd-cacert) ({details})")
+        if not self._tls and low.endswith("socket closed"):
+            return (f"etcd closed the plaintext connection: does it expect TLS? (give "
+                    f"--etcd-cacert or https:// endpoints) ({details})")
+        if method == "Authenticate":
+            return f"authentication failed for user {sec.user!r}: {details}"
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            who = f"user {sec.user!r}" if sec.user else (
+                "the client certificate's user (its common name)" if sec.cert else
+                "an unauthenticated client (give --etcd-user and --etcd-password-file)")
+            return f"etcd {method}: permission denied for {who}: {details}"
+        return f"etcd {method} failed: {code.name}: {details}"
+
+    async def _call(self, method: str, stub_attr: str, request: object,
+                    authenticated: bool = True) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         delay = 0.05
+        reauthenticated_on: grpc.aio.Channel | None = None
         while True:
             channel = self._channel
+            metadata = await self._metadata() if authenticated else None
             stub = getattr(self, stub_attr)
             remaining = deadline - loop.time()
             try:
-                return await getattr(stub, method)(request, timeout=max(remaining, 0.05))
+                resp = await getattr(stub, method)(request, timeout=max(remaining, 0.05),
+                                                   metadata=metadata)
+                self._reached = True
+                return resp
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if (task is not None and task.cancelling()) or channel is self._channel:
@@ -184,14 +393,21 @@ class EtcdClient:
                     raise Unavailable(f"etcd {method} failed: its channel closed") from None
                 continue
             except grpc.aio.AioRpcError as exc:
+                if metadata and _token_rejected(exc) and reauthenticated_on is not channel:
+                    # Once per channel: a new member may not know the old token either.
+                    reauthenticated_on = channel
+                    self._drop_token(metadata)
+                    continue
                 retryable = exc.code() in (
                     grpc.StatusCode.UNAVAILABLE,
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                 )
+                if retryable and not self._reached and _misconfigured(exc, self._tls):
+                    self._misconfigured.add(self._index)
+                    if len(self._misconfigured) >= len(self.endpoints):
+                        raise Unavailable(self._explain(method, exc)) from exc
                 if not retryable or loop.time() + delay >= deadline:
-                    raise Unavailable(
-                        f"etcd {method} failed: {exc.code().name}: {exc.details()}"
-                    ) from exc
+                    raise Unavailable(self._explain(method, exc)) from exc
                 await self._rotate(channel)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
@@ -254,16 +470,22 @@ class EtcdClient:
 
     async def lease_keepalive_once(self, lease_id: int) -> int:
         """Refresh a lease; returns its remaining TTL (0 when it has expired)."""
-        call = self.leases.LeaseKeepAlive(timeout=self.timeout)
-        try:
-            await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
-            resp = await call.read()
-            await call.done_writing()
-        except grpc.aio.AioRpcError as exc:
-            await self._rotate(self._channel)
-            raise Unavailable(f"etcd lease keep-alive failed: {exc.code().name}") from exc
-        finally:
-            call.cancel()
+        for attempt in (1, 2):  # a second time with a fresh token, if etcd refused the old
+            metadata = await self._metadata()
+            call = self.leases.LeaseKeepAlive(timeout=self.timeout, metadata=metadata)
+            try:
+                await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+                resp = await call.read()
+                await call.done_writing()
+            except grpc.aio.AioRpcError as exc:
+                if attempt == 1 and metadata and _token_rejected(exc):
+                    self._drop_token(metadata)
+                    continue
+                await self._rotate(self._channel)
+                raise Unavailable(f"etcd lease keep-alive failed: {exc.code().name}") from exc
+            finally:
+                call.cancel()
+            break
         if resp is grpc.aio.EOF:
             raise Unavailable("etcd lease keep-alive stream closed")
         return int(resp.TTL)
@@ -290,14 +512,18 @@ class EtcdClient:
             create = rpc.WatchCreateRequest(
                 key=prefix, range_end=end, start_revision=next_rev, progress_notify=True
             )
-            call = self.watches.Watch()
+            call: Any = None
+            metadata = None
             try:
+                # Each (re)connection authenticates anew if need be: etcd checks the
+                # token when a watch is created (an expired one cancels it, below).
+                metadata = await self._metadata()
+                call = self.watches.Watch(metadata=metadata)
                 await call.write(rpc.WatchRequest(create_request=create))
                 while True:
                     resp = await call.read()
                     if resp is grpc.aio.EOF:
                         raise ConnectionError("watch stream ended")
-                    delay = 0.1
                     if resp.compact_revision:
                         log.warning(
                             "etcd watch on %r: revision %d compacted (now %d); resyncing",
@@ -306,7 +532,11 @@ class EtcdClient:
                         yield Resync(resp.compact_revision)
                         return
                     if resp.canceled:
+                        if metadata and ("permission denied" in resp.cancel_reason
+                                         or "auth token" in resp.cancel_reason):
+                            self._drop_token(metadata)  # expired: authenticate again
                         raise ConnectionError(f"watch canceled: {resp.cancel_reason}")
+                    delay = 0.1
                     if resp.events:
                         batch = [
                             WatchEvent(
@@ -319,12 +549,18 @@ class EtcdClient:
                     elif resp.header.revision >= next_rev:
                         # Progress notification: nothing under the prefix changed.
                         next_rev = resp.header.revision + 1
-            except (grpc.aio.AioRpcError, ConnectionError) as exc:
-                detail = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            except (grpc.aio.AioRpcError, ConnectionError, Unavailable) as exc:
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    if metadata and _token_rejected(exc):
+                        self._drop_token(metadata)
+                    detail = exc.code().name
+                else:
+                    detail = str(exc)
                 log.info("etcd watch on %r interrupted (%s); resuming at %d", prefix, detail,
                          next_rev)
                 await self._rotate(self._channel)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             finally:
-                call.cancel()
+                if call is not None:
+                    call.cancel()
