@@ -48,7 +48,8 @@ from modelmesh.membership import Membership
 from modelmesh.metrics import Metrics
 from modelmesh.node import Node, heartbeat
 from modelmesh.registry.embedded import EmbeddedEtcd
-from modelmesh.registry.etcd import EtcdClient, EtcdSecurity
+from modelmesh.registry.etcd import EtcdClient
+from modelmesh.registry.etcd_security import EtcdSecurity
 from modelmesh.registry.store import Registry
 from modelmesh.rest import RestApp, RestServer
 from modelmesh.routing.peers import PeerPool

@@ -6,7 +6,7 @@ aetcd's own watch iterator ends for good when the connection drops, while the
 mesh needs a watch that survives an etcd restart and resumes from the last
 revision it saw (``watch_prefix``).
 
-Security (``EtcdSecurity``): TLS with the CA, client certificate and key that
+Security (``EtcdSecurity``, in ``etcd_security``): TLS with the CA, client certificate and key that
 etcdctl calls ``--cacert/--cert/--key`` (files re-read on reconnect when their
 mtime changed, so rotated certificates are picked up), and etcd's own users:
 the client authenticates, sends the token as ``token`` metadata on every call
@@ -18,20 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from aetcd import rpc
 
 from modelmesh.errors import Unavailable
-
-if TYPE_CHECKING:
-    from modelmesh.settings import Settings
+from modelmesh.registry.etcd_security import (
+    EtcdSecurity,
+    TokenFiles,
+    explain,
+    misconfigured,
+    split_endpoints,
+    token_rejected,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,103 +128,6 @@ def op_get(key: bytes, prefix: bool = False, count_only: bool = False) -> rpc.Re
         key=key, range_end=prefix_end(key) if prefix else b"", count_only=count_only))
 
 
-# -- security ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class EtcdSecurity:
-    """How to reach a secured etcd: TLS files (named as etcdctl names them) and a user.
-
-    Holds paths only; the password is read from ``password_file`` by the client.
-    """
-
-    cacert: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    user: str = ""
-    password_file: Path | None = None
-
-    @classmethod
-    def from_settings(cls, s: Settings) -> EtcdSecurity:
-        return cls(s.etcd_cacert, s.etcd_cert, s.etcd_key, s.etcd_user, s.etcd_password_file)
-
-
-def split_endpoints(endpoints: Sequence[str]) -> tuple[list[str], bool]:
-    """(gRPC targets HOST:PORT, whether a scheme asked for TLS) from etcd endpoints.
-
-    An endpoint is ``HOST:PORT``, ``http://HOST:PORT`` or ``https://HOST:PORT``
-    (a trailing ``/`` is dropped); mixing http:// and https:// is refused.
-    """
-    targets: list[str] = []
-    schemes: set[str] = set()
-    for endpoint in endpoints:
-        scheme, sep, rest = endpoint.strip().partition("://")
-        if sep:
-            if scheme.lower() not in ("http", "https"):
-                raise ValueError(f"etcd endpoint {endpoint!r}: the scheme must be http or https")
-            schemes.add(scheme.lower())
-        else:
-            rest = scheme
-        rest = rest.rstrip("/")
-        if not rest or "/" in rest:
-            raise ValueError(f"etcd endpoint {endpoint!r} is not [https://]HOST:PORT")
-        targets.append(rest)
-    if len(schemes) > 1:
-        raise ValueError("etcd endpoints mix http:// and https://")
-    return targets, schemes == {"https"}
-
-
-class _Files:
-    """Files read at start and again when their mtime changed (cheap rotation support)."""
-
-    def __init__(self, paths: Sequence[Path | None]) -> None:
-        self._paths = [p for p in paths if p is not None]
-        self._mtimes: dict[Path, int] = {}
-        self._data: dict[Path, bytes] = {}
-        self.refresh()
-
-    def _mtime(self, path: Path) -> int:
-        try:
-            return os.stat(path).st_mtime_ns
-        except OSError:
-            return -1
-
-    def changed(self) -> bool:
-        return any(self._mtime(p) != self._mtimes.get(p) for p in self._paths)
-
-    def refresh(self) -> None:
-        """Read every file that changed; raises OSError naming one that cannot be read."""
-        for path in self._paths:
-            mtime = self._mtime(path)
-            if mtime != self._mtimes.get(path) or path not in self._data:
-                self._data[path] = path.read_bytes()
-                self._mtimes[path] = mtime
-
-    def get(self, path: Path | None) -> bytes | None:
-        return None if path is None else self._data[path]
-
-
-def _token_rejected(exc: grpc.aio.AioRpcError) -> bool:
-    """etcd says the auth token is no good (expired, from another member, auth changed)."""
-    details = exc.details() or ""
-    return exc.code() == grpc.StatusCode.UNAUTHENTICATED or (
-        exc.code() == grpc.StatusCode.INVALID_ARGUMENT
-        and ("invalid auth token" in details or "revision of auth store is old" in details))
-
-
-# gRPC's words for a TLS set-up that cannot work: retrying will not help a client that
-# has never reached etcd, so it gives up at once with a message saying what is wrong.
-_HANDSHAKE = ("handshake failed", "ssl_error", "certificate_verify_failed", "bad_certificate",
-              "certificate_required", "wrong_version_number")
-
-
-def _misconfigured(exc: grpc.aio.AioRpcError, tls: bool) -> bool:
-    details = (exc.details() or "").lower()
-    if any(word in details for word in _HANDSHAKE):
-        return True
-    return not tls and details.endswith("socket closed")
-
-
 class EtcdClient:
     """One connection to an etcd cluster, failing over between its endpoints.
 
@@ -240,7 +146,7 @@ class EtcdClient:
         self.security = sec = security or EtcdSecurity()
         self._tls = https or sec.cacert is not None or sec.cert is not None
         # Read now: a missing or unreadable file fails the start, not the first call.
-        self._files = _Files([sec.cacert, sec.cert, sec.key, sec.password_file])
+        self._files = TokenFiles([sec.cacert, sec.cert, sec.key, sec.password_file])
         self._token: str | None = None
         self._auth_lock = asyncio.Lock()
         self._reached = False  # any call has succeeded: TLS and credentials work
@@ -339,34 +245,6 @@ class EtcdClient:
 
     # -- calls ------------------------------------------------------------
 
-    def _explain(self, method: str, exc: grpc.aio.AioRpcError) -> str:
-        """What went wrong, in words an operator can act on (never the password)."""
-        code, details = exc.code(), exc.details() or ""
-        low = details.lower()
-        sec = self.security
-        if "bad_certificate" in low or "certificate_required" in low:
-            what = (f"it refused the client certificate {sec.cert} (not signed by a CA it "
-                    "trusts, or expired)" if sec.cert else
-                    "it requires a client certificate: give --etcd-cert and --etcd-key")
-            return f"TLS handshake failed: {what} ({details})"
-        if "certificate_verify_failed" in low:
-            roots = sec.cacert or "the system roots"
-            return f"TLS handshake failed: etcd's certificate is not trusted by {roots} ({details})"
-        if "wrong_version_number" in low or ("handshake failed" in low and self._tls):
-            return (f"TLS handshake failed: does etcd serve plaintext? (drop https:// and "
-                    f"--etcd-cacert) ({details})")
-        if not self._tls and low.endswith("socket closed"):
-            return (f"etcd closed the plaintext connection: does it expect TLS? (give "
-                    f"--etcd-cacert or https:// endpoints) ({details})")
-        if method == "Authenticate":
-            return f"authentication failed for user {sec.user!r}: {details}"
-        if code == grpc.StatusCode.PERMISSION_DENIED:
-            who = f"user {sec.user!r}" if sec.user else (
-                "the client certificate's user (its common name)" if sec.cert else
-                "an unauthenticated client (give --etcd-user and --etcd-password-file)")
-            return f"etcd {method}: permission denied for {who}: {details}"
-        return f"etcd {method} failed: {code.name}: {details}"
-
     async def _call(self, method: str, stub_attr: str, request: object,
                     authenticated: bool = True) -> Any:
         loop = asyncio.get_running_loop()
@@ -393,7 +271,7 @@ class EtcdClient:
                     raise Unavailable(f"etcd {method} failed: its channel closed") from None
                 continue
             except grpc.aio.AioRpcError as exc:
-                if metadata and _token_rejected(exc) and reauthenticated_on is not channel:
+                if metadata and token_rejected(exc) and reauthenticated_on is not channel:
                     # Once per channel: a new member may not know the old token either.
                     reauthenticated_on = channel
                     self._drop_token(metadata)
@@ -402,12 +280,11 @@ class EtcdClient:
                     grpc.StatusCode.UNAVAILABLE,
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                 )
-                if retryable and not self._reached and _misconfigured(exc, self._tls):
+                if retryable and not self._reached and misconfigured(exc, self._tls):
                     self._misconfigured.add(self._index)
-                    if len(self._misconfigured) >= len(self.endpoints):
-                        raise Unavailable(self._explain(method, exc)) from exc
+                    retryable = len(self._misconfigured) < len(self.endpoints)
                 if not retryable or loop.time() + delay >= deadline:
-                    raise Unavailable(self._explain(method, exc)) from exc
+                    raise Unavailable(explain(method, exc, self.security, tls=self._tls)) from exc
                 await self._rotate(channel)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
@@ -478,7 +355,7 @@ class EtcdClient:
                 resp = await call.read()
                 await call.done_writing()
             except grpc.aio.AioRpcError as exc:
-                if attempt == 1 and metadata and _token_rejected(exc):
+                if attempt == 1 and metadata and token_rejected(exc):
                     self._drop_token(metadata)
                     continue
                 await self._rotate(self._channel)
@@ -551,7 +428,7 @@ class EtcdClient:
                         next_rev = resp.header.revision + 1
             except (grpc.aio.AioRpcError, ConnectionError, Unavailable) as exc:
                 if isinstance(exc, grpc.aio.AioRpcError):
-                    if metadata and _token_rejected(exc):
+                    if metadata and token_rejected(exc):
                         self._drop_token(metadata)
                     detail = exc.code().name
                 else:
