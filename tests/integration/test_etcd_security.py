@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -37,6 +38,23 @@ class SecureEtcd:
     log_path: Path
     proc: subprocess.Popen[bytes]
     client_cert: bool  # started with --client-cert-auth
+    args: list[str]
+    user: str | None = None  # etcdctl's --user, once auth is on
+
+    def spawn(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_healthy(self) -> None:
+        def healthy() -> bool:
+            assert self.proc.poll() is None, f"etcd exited:\n{self.log()[-3000:]}"
+            try:
+                self.ctl("endpoint", "health")
+            except AssertionError:
+                return False
+            return True
+
+        assert wait_until(healthy, 30), f"etcd not healthy:\n{self.log()[-3000:]}"
 
     def ctl(self, *args: str, user: str | None = None) -> str:
         """Run etcdctl against this etcd (as ``user`` when auth is on); returns stdout."""
@@ -44,8 +62,8 @@ class SecureEtcd:
                f"--cacert={self.pki.ca.cert}", "--command-timeout=10s"]
         if self.client_cert:
             cmd += [f"--cert={self.pki.client.cert}", f"--key={self.pki.client.key}"]
-        if user:
-            cmd.append(f"--user={user}")
+        if user or self.user:
+            cmd.append(f"--user={user or self.user}")
         out = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         return out.stdout
@@ -74,20 +92,10 @@ def _start_etcd(root: Path, pki: Pki, *extra: str, client_cert: bool) -> SecureE
     ]
     if client_cert:  # (a --trusted-ca-file alone already makes etcd demand one)
         args += ["--client-cert-auth", "--trusted-ca-file", str(pki.ca.cert)]
-    log_path = root / "etcd.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    etcd = SecureEtcd(client, pki, log_path, proc, client_cert)
+    etcd = SecureEtcd(client, pki, root / "etcd.log", None, client_cert, args)  # type: ignore[arg-type]
+    etcd.spawn()
     try:
-        def healthy() -> bool:
-            assert proc.poll() is None, f"etcd exited:\n{etcd.log()[-3000:]}"
-            try:
-                etcd.ctl("endpoint", "health")
-            except AssertionError:
-                return False
-            return True
-
-        assert wait_until(healthy, 30), f"etcd not healthy:\n{etcd.log()[-3000:]}"
+        etcd.wait_healthy()
     except BaseException:
         etcd.stop()
         raise
@@ -124,6 +132,7 @@ def auth_etcd(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Se
         etcd.ctl("user", "add", f"mesh:{MESH_PASSWORD}")
         etcd.ctl("user", "grant-role", "mesh", "mesh")
         etcd.ctl("auth", "enable")
+        etcd.user = f"root:{ROOT_PASSWORD}"
         yield etcd
     finally:
         etcd.stop()
@@ -202,8 +211,7 @@ def _token_expiries(etcd: SecureEtcd) -> int:
 
 def _instance_record(etcd: SecureEtcd, port: int) -> str:
     """The instance record's key and lease, as etcd has them (empty when it vanished)."""
-    out = etcd.ctl("get", f"/modelmesh/t{port}/instances/test-{port}", "-w", "fields",
-                   user=f"root:{ROOT_PASSWORD}")
+    out = etcd.ctl("get", f"/modelmesh/t{port}/instances/test-{port}", "-w", "fields")
     return "\n".join(line for line in out.splitlines()
                      if line.startswith(('"Key"', '"Lease"', '"CreateRevision"')))
 
@@ -243,3 +251,31 @@ def test_mesh_with_wrong_credentials_fails_to_start_saying_why(
             "or password") in out, out
     assert password not in out
 
+
+def test_watches_and_calls_authenticate_again_after_an_etcd_restart(
+        mesh_factory, auth_etcd: SecureEtcd, pki: Pki, models_root: Path,
+        tmp_path: Path) -> None:
+    """A restarted etcd has forgotten every simple token: calls and the registry watch
+    carry on with new ones (the second mesh learns of the model only through its watch).
+
+    Which call renews the second mesh's token first depends on timing; the watch's own
+    renewal is checked deterministically in tests/unit/test_etcd_credentials.py."""
+    from modelmesh._proto.mmesh import mesh_extensions_pb2 as ext
+    from modelmesh._proto.mmesh import mesh_extensions_pb2_grpc as ext_grpc
+
+    args = ["--etcd", auth_etcd.endpoint, "--etcd-cacert", str(pki.ca.cert),
+            "--etcd-user", "mesh", "--etcd-password-file", _password_file(tmp_path, MESH_PASSWORD),
+            "--mesh-name", "auth-restart"]
+    first, second = mesh_factory(*args), mesh_factory(*args)
+    auth_etcd.stop()
+    auth_etcd.spawn()
+    auth_etcd.wait_healthy()
+    _serves(first, models_root, "after-restart")  # calls: a new token, then retried
+
+    def second_sees_it() -> bool:  # only through its watch (listModels reads the mirror)
+        with grpc.insecure_channel(second.endpoint) as ch:
+            listed = ext_grpc.ModelMeshExtensionsStub(ch).listModels(
+                ext.ListModelsRequest(prefix="after-restart"), timeout=10)
+        return [m.modelId for m in listed.models] == ["after-restart"]
+
+    assert wait_until(second_sees_it, 30), second.log()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from aetcd import rpc
 from aetcd.rpc import rpc_pb2 as pb
 from aetcd.rpc import rpc_pb2_grpc as pb_grpc
 
@@ -74,7 +75,7 @@ def test_endpoints_lose_their_scheme_and_https_asks_for_tls() -> None:
 INVALID = "etcdserver: invalid auth token"
 
 
-class FakeEtcd(pb_grpc.KVServicer, pb_grpc.AuthServicer):
+class FakeEtcd(pb_grpc.KVServicer, pb_grpc.AuthServicer, pb_grpc.WatchServicer):
     """Accepts only the newest token; ``expire()`` makes it stale, as etcd's TTL does."""
 
     def __init__(self) -> None:
@@ -102,11 +103,29 @@ class FakeEtcd(pb_grpc.KVServicer, pb_grpc.AuthServicer):
         return pb.RangeResponse(kvs=[], count=0)
 
 
+    async def Watch(self, request_iterator, context):  # noqa: N802
+        # As etcd 3.5 does: a watch created with a stale token is created, then canceled.
+        token = dict(context.invocation_metadata()).get("token")
+        async for req in request_iterator:
+            if not req.HasField("create_request"):
+                continue
+            if token != f"tok.{self.issued}":
+                yield pb.WatchResponse(created=True, canceled=True, cancel_reason=(
+                    "rpc error: code = PermissionDenied desc = etcdserver: permission denied"))
+                return
+            rev = req.create_request.start_revision
+            yield pb.WatchResponse(created=True)
+            yield pb.WatchResponse(header=pb.ResponseHeader(revision=rev), events=[rpc.Event(
+                kv=rpc.KeyValue(key=b"k", value=b"v", mod_revision=rev))])
+            await asyncio.Event().wait()  # an open stream, until the client cancels it
+
+
 @pytest.fixture
 async def fake_etcd():
     etcd = FakeEtcd()
     server = grpc.aio.server()
     pb_grpc.add_KVServicer_to_server(etcd, server)
+    pb_grpc.add_WatchServicer_to_server(etcd, server)
     pb_grpc.add_AuthServicer_to_server(etcd, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -134,6 +153,23 @@ async def test_a_rejected_token_is_renewed_once_for_all_waiting_calls(fake_etcd,
         await asyncio.gather(*(client.get(b"k") for _ in range(5)))
         assert len(etcd.passwords) == 2  # renewed once, not once per call
         assert etcd.seen[-1] == f"tok.{etcd.issued}"
+    finally:
+        await client.close()
+
+
+async def test_a_watch_canceled_for_a_stale_token_comes_back_with_a_new_one(
+        fake_etcd, tmp_path: Path) -> None:
+    etcd, endpoint = fake_etcd
+    security = EtcdSecurity(user="mesh", password_file=_password(tmp_path, "s3cret"))
+    client = EtcdClient([endpoint], timeout=5, security=security)
+    try:
+        await client.get(b"k")
+        etcd.expire()  # the token the watch will be created with is stale
+        watch = client.watch_prefix(b"k", 7)
+        batch = await asyncio.wait_for(anext(watch), 10)
+        assert [e.mod_revision for e in batch] == [7]  # type: ignore[union-attr]
+        assert len(etcd.passwords) == 2
+        await watch.aclose()
     finally:
         await client.close()
 
