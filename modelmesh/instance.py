@@ -50,6 +50,7 @@ from modelmesh.metrics import Metrics
 from modelmesh.node import Node, heartbeat
 from modelmesh.registry.embedded import EmbeddedEtcd
 from modelmesh.registry.etcd import EtcdClient
+from modelmesh.registry.etcd_security import EtcdSecurity
 from modelmesh.registry.store import Registry
 from modelmesh.rest import RestApp, RestServer
 from modelmesh.routing.peers import PeerPool, PeerSecurity
@@ -165,7 +166,8 @@ class MeshInstance:
 
         self._secure_from_settings()
 
-        self.client = client = EtcdClient(endpoints, timeout=10.0)
+        self.client = client = EtcdClient(endpoints, timeout=10.0,
+                                          security=EtcdSecurity.from_settings(s))
         registry = Registry(client, s.etcd_prefix)
         try:
             revision = await registry.load()
