@@ -370,7 +370,39 @@ def _calls(ch: grpc.Channel, models_root: Path):
         "ModelInfer": ("infer", lambda md: infer_v2(ch, "auth-echo", metadata=md)),
         "RepositoryModelLoad": ("manage", lambda md: v2.RepositoryModelLoad(
             pb.RepositoryModelLoadRequest(model_name="auth-echo"), metadata=md, timeout=60)),
+        "RepositoryModelUnload": ("manage", lambda md: v2.RepositoryModelUnload(
+            pb.RepositoryModelUnloadRequest(model_name="auth-echo"), metadata=md, timeout=60)),
+        "ensureLoaded": ("manage", lambda md: m.ensureLoaded(mm.EnsureLoadedRequest(
+            modelId="auth-echo"), metadata=md, timeout=60)),
+        "deleteVModel": ("manage", lambda md: m.deleteVModel(mm.DeleteVModelRequest(
+            vModelId="auth-no-such-vm"), metadata=md, timeout=30)),
+        "registerModels": ("manage", lambda md: e.registerModels(ext.RegisterModelsRequest(
+            requests=[mm.RegisterModelRequest(modelId="auth-bulk", modelInfo=mm.ModelInfo(
+                type="identity", path=path))], replace=True), metadata=md, timeout=30)),
+        "clusterStatus": ("read", lambda md: e.clusterStatus(ext.ClusterStatusRequest(),
+                                                              metadata=md, timeout=30)),
+        "ModelReady": ("read", lambda md: v2.ModelReady(pb.ModelReadyRequest(name="auth-echo"),
+                                                        metadata=md, timeout=30)),
+        "ModelConfig": ("read", lambda md: v2.ModelConfig(
+            pb.ModelConfigRequest(name="auth-echo"), metadata=md, timeout=30)),
+        "ModelStatistics": ("read", lambda md: v2.ModelStatistics(
+            pb.ModelStatisticsRequest(name="auth-echo"), metadata=md, timeout=30)),
+        "RepositoryIndex": ("read", lambda md: v2.RepositoryIndex(
+            pb.RepositoryIndexRequest(), metadata=md, timeout=30)),
+        "ServerMetadata": ("read", lambda md: v2.ServerMetadata(
+            pb.ServerMetadataRequest(), metadata=md, timeout=30)),
+        "ModelStreamInfer": ("infer", lambda md: _stream_once(v2, md)),
     }
+
+
+def _stream_once(v2, md):
+    """One request on a ModelStreamInfer stream; the refusal is the stream's status."""
+    req = pb.ModelInferRequest(model_name="auth-echo")
+    req.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    req.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+    answers = list(v2.ModelStreamInfer(iter([req]), metadata=md, timeout=30))
+    assert answers and not answers[0].error_message, answers
+    return answers
 
 
 def _bearer(token: str):
@@ -401,6 +433,13 @@ def test_every_rest_route_needs_its_role(auth_mesh):
     routes = [("POST", "/v2/models/auth-echo/infer", x, "infer"),
               ("GET", "/v2/models/auth-echo", None, "read"),
               ("POST", "/v2/repository/index", {}, "read"),
+              ("POST", "/v2/repository/models/auth-echo/load", {}, "manage"),
+              ("GET", "/v2", None, "read"),
+              ("GET", "/v2/models/auth-echo/ready", None, "read"),
+              ("GET", "/v2/models/auth-echo/config", None, "read"),
+              ("GET", "/v2/models/auth-echo/stats", None, "read"),
+              ("GET", "/v1/models/auth-echo", None, "read"),
+              ("POST", "/v2/repository/models/auth-echo/unload", {}, "manage"),
               ("POST", "/v2/repository/models/auth-echo/load", {}, "manage")]
 
     def status(method, path, doc, token):
