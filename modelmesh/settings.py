@@ -144,6 +144,7 @@ class RuntimeAddress:
 
     kind: str  # "embedded" | "mmesh" | "mlserver" | "triton"
     target: str = ""  # gRPC target: "HOST:PORT" or "unix:PATH" ("" when embedded)
+    tls: bool = False  # KIND:tls:HOST:PORT: TLS to the runtime (verified by --runtime-ca)
 
     @classmethod
     def parse(cls, text: str) -> RuntimeAddress:
@@ -158,6 +159,11 @@ class RuntimeAddress:
                 f"runtime {text!r}: expected embedded, mmesh:HOST:PORT, mmesh:unix:PATH, "
                 "mlserver:HOST:PORT or triton:HOST:PORT"
             )
+        tls = rest.startswith("tls:")
+        if tls:
+            rest = rest[len("tls:"):]
+            if rest.startswith("unix:"):
+                raise ValueError(f"runtime {text!r}: a unix socket needs no TLS")
         if rest.startswith("unix:"):
             if kind != "mmesh":
                 raise ValueError(f"runtime {text!r}: {kind} listens on TCP only; use HOST:PORT")
@@ -167,10 +173,12 @@ class RuntimeAddress:
         host, sep, port = rest.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"runtime {text!r}: expected {kind}:HOST:PORT with a port 1-65535")
-        return cls(kind, rest)
+        return cls(kind, rest, tls)
 
     def __str__(self) -> str:
-        return "embedded" if self.kind == "embedded" else f"{self.kind}:{self.target}"
+        if self.kind == "embedded":
+            return "embedded"
+        return f"{self.kind}:{'tls:' if self.tls else ''}{self.target}"
 
 
 @dataclass(frozen=True)
@@ -219,7 +227,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("inline_infer_ms", "--inline-infer-ms", "MM_INLINE_INFER_MS", float, "a model whose predictions usually take less than this runs on the serving thread instead of an inference thread (saves a thread hop per request; 0 = always use threads)"),
     Option("max_batch_rows", "--max-batch-rows", "MM_MAX_BATCH_ROWS", int, "concurrent requests for one model that are ready together are predicted in one call, up to this many rows (row-wise models only: scikit-learn, XGBoost, LightGBM, ONNX with a dynamic batch axis; 0 = never merge)"),
     Option("max_batch_delay_ms", "--max-batch-delay-ms", "MM_MAX_BATCH_DELAY_MS", float, "longest a request waits for others to share its prediction; it waits only while waiting has been paying off for that model (0 = merge only requests that are ready together)"),
-    Option("runtime", "--runtime", "MM_RUNTIME", _runtime, "where models run: embedded (in this process), mmesh:HOST:PORT or mmesh:unix:PATH (a `modelmesh runtime` or any mmesh.ModelRuntime server; its runtimeStatus sets capacity, load concurrency and load timeout), mlserver:HOST:PORT or triton:HOST:PORT (a V2 server driven through its model-repository API; needs --runtime-repository)"),
+    Option("runtime", "--runtime", "MM_RUNTIME", _runtime, "where models run: embedded (in this process), mmesh:HOST:PORT or mmesh:unix:PATH (a `modelmesh runtime` or any mmesh.ModelRuntime server; its runtimeStatus sets capacity, load concurrency and load timeout), mlserver:HOST:PORT or triton:HOST:PORT (a V2 server driven through its model-repository API; needs --runtime-repository); KIND:tls:HOST:PORT uses TLS (see --runtime-ca)"),
+    Option("runtime_ca", "--runtime-ca", "MM_RUNTIME_CA", _file, "with --runtime KIND:tls:HOST:PORT, the PEM CA the runtime's certificate is verified against (default: --tls-ca, else the system roots); the mesh presents its --tls-cert to the runtime when it has one"),
     Option("runtime_repository", "--runtime-repository", "MM_RUNTIME_REPOSITORY", Path, "with --runtime mlserver:/triton:, the model repository directory that server reads; the mesh writes each model there before loading it"),
     Option("accepted_model_types", "--accepted-model-types", "MM_ACCEPTED_MODEL_TYPES", _comma_list, "model types registrations may name, TYPE[,TYPE...]; others are refused with INVALID_ARGUMENT, as ModelMesh's accepted-types list does (a type matches as given, e.g. mt:onnx, or by its format, e.g. onnx; empty = every type)"),
     Option("demo", "--demo", "MM_DEMO", _bool, "write the demo models into the models root and register them at start-up"),
@@ -271,6 +280,7 @@ class Settings:
     max_batch_delay_ms: float = 1.0
     runtime: str = "embedded"
     runtime_repository: Path | None = None
+    runtime_ca: str = ""
     accepted_model_types: list[str] = field(default_factory=list)
     demo: bool = False
     log_level: str = "INFO"

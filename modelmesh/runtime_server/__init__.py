@@ -72,6 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device for TorchScript models: cpu, cuda, cuda:N "
                              "(default: MM_TORCH_DEVICE, else cuda when available)")
     parser.add_argument("--log-level", default=d.log_level, help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--tls-cert", default=d.tls_cert,
+                        help="PEM certificate: TLS on a TCP --listen (re-read when it changes)")
+    parser.add_argument("--tls-key", default=d.tls_key, help="PEM key of --tls-cert")
+    parser.add_argument("--tls-ca", default=d.tls_ca,
+                        help="PEM CA: the mesh must present a certificate it signed")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -83,6 +88,7 @@ def main(args: argparse.Namespace) -> int:
             default_model_size=args.default_model_size,
             inference_threads=args.inference_threads, max_message_bytes=args.max_message_bytes,
             torch_device=args.torch_device, log_level=args.log_level,
+            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
         )
     except ValueError as exc:
         print(f"modelmesh runtime: {exc}", file=sys.stderr)

@@ -36,6 +36,7 @@ from modelmesh.registry.records import ModelRecord
 from modelmesh.runtime_server.models import LoadedModels
 from modelmesh.runtime_server.settings import RuntimeServerSettings
 from modelmesh.runtimes import get_runtime
+from modelmesh.security.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,12 @@ class RuntimeServer:
             host, sep, port = listen.rpartition(":")
             if not sep or not port.isdigit():
                 raise ValueError(f"--listen {listen!r}: expected unix:PATH or HOST:PORT")
-            bound = server.add_insecure_port(listen)
+            if s.tls_cert:
+                tls = TlsFiles(Path(s.tls_cert), Path(s.tls_key),
+                               Path(s.tls_ca) if s.tls_ca else None)
+                bound = server.add_secure_port(listen, tls.server_credentials())
+            else:
+                bound = server.add_insecure_port(listen)
             if bound == 0:
                 raise OSError(f"cannot listen on {listen}")
             self.address = f"{host or '0.0.0.0'}:{bound}"

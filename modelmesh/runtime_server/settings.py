@@ -22,8 +22,19 @@ class RuntimeServerSettings:
     max_message_bytes: int = parse_bytes("16MiB")
     torch_device: str = ""
     log_level: str = "INFO"
+    #: TLS on a TCP --listen: certificate and key (PEM); with ``tls_ca`` clients (the
+    #: mesh) must present a certificate that CA signed.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
     def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_ca and not self.tls_cert:
+            raise ValueError("--tls-ca needs --tls-cert and --tls-key")
+        if self.tls_cert and self.listen.startswith("unix:"):
+            raise ValueError("TLS is for a TCP --listen; a unix socket is local to the pod")
         if self.capacity <= 0:
             raise ValueError("--capacity must be positive")
         if self.max_concurrent_loads < 1:

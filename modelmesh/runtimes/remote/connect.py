@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from modelmesh.runtimes.loader import EmbeddedLoader
 from modelmesh.runtimes.remote.model import RemoteLoader
 from modelmesh.runtimes.remote.repository import RepositoryRuntimeLoader
@@ -51,6 +53,25 @@ class RuntimeBinding:
         await self.loader.close()
 
 
+def runtime_credentials(settings: Settings,
+                        address: RuntimeAddress) -> grpc.ChannelCredentials | None:
+    """TLS towards a ``KIND:tls:HOST:PORT`` runtime: its certificate verified against
+    ``--runtime-ca`` (else ``--tls-ca``, else the system roots), the mesh's own
+    ``--tls-cert`` presented as the client certificate when it has one."""
+    if not address.tls:
+        return None
+
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    try:
+        return grpc.ssl_channel_credentials(
+            read(settings.runtime_ca or settings.tls_ca), read(settings.tls_key),
+            read(settings.tls_cert))
+    except OSError as exc:
+        raise RuntimeError(f"--runtime {address}: cannot read the TLS files: {exc}") from None
+
+
 def connect_runtime(settings: Settings, files: EmbeddedLoader | None = None, *,
                     ready_timeout: float | None = None) -> RuntimeBinding:
     """Connect to the runtime ``settings.runtime`` names and wait until it is ready (blocking).
@@ -64,9 +85,11 @@ def connect_runtime(settings: Settings, files: EmbeddedLoader | None = None, *,
     timeout = settings.load_timeout if ready_timeout is None else ready_timeout
     if address.kind == "embedded":
         raise RuntimeError("the embedded runtime needs no connection")
+    credentials = runtime_credentials(settings, address)
     if address.kind == "mmesh":
         loader = ModelRuntimeLoader(address, load_timeout_s=settings.load_timeout,
-                                    max_message_bytes=settings.max_message_bytes)
+                                    max_message_bytes=settings.max_message_bytes,
+                                    credentials=credentials)
         try:
             status = loader.wait_ready(timeout)
         except BaseException:
@@ -88,7 +111,8 @@ def connect_runtime(settings: Settings, files: EmbeddedLoader | None = None, *,
         repo_loader = RepositoryRuntimeLoader(
             address, Path(settings.runtime_repository),
             files or EmbeddedLoader(ModelFiles(Path(settings.models_root))),
-            load_timeout_s=settings.load_timeout, max_message_bytes=settings.max_message_bytes)
+            load_timeout_s=settings.load_timeout, max_message_bytes=settings.max_message_bytes,
+            credentials=credentials)
         try:
             repo_loader.wait_ready(timeout)
         except BaseException:

@@ -172,8 +172,11 @@ class RemoteLoader(ABC):
     """What both remote loaders share: channels, the V2 stub, naming, errors."""
 
     def __init__(self, address: RuntimeAddress, *, load_timeout_s: float,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
+        #: TLS towards the runtime (``KIND:tls:HOST:PORT``), None for plaintext.
+        self.credentials = credentials
         self.load_timeout_s = load_timeout_s
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -184,7 +187,9 @@ class RemoteLoader(ABC):
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
-        self.channel = grpc.insecure_channel(address.target, options=self._options)
+        self.channel = grpc.insecure_channel(address.target, options=self._options) \
+            if credentials is None else \
+            grpc.secure_channel(address.target, credentials, options=self._options)
         self.v2 = pb_grpc.GRPCInferenceServiceStub(self.channel)
         #: Field number of ``ModelInferRequest`` that must carry the model id (1 =
         #: ``model_name``), or None where the runtime reads the ``mm-model-id`` header.
@@ -202,7 +207,10 @@ class RemoteLoader(ABC):
         """The bytes-in, bytes-out ModelInfer call on this event loop's channel."""
         loop = asyncio.get_running_loop()
         if self._aio is None or self._aio[0] is not loop:
-            channel = grpc.aio.insecure_channel(self.address.target, options=self._options)
+            channel = grpc.aio.insecure_channel(self.address.target, options=self._options) \
+                if self.credentials is None else \
+                grpc.aio.secure_channel(self.address.target, self.credentials,
+                                        options=self._options)
             call = channel.unary_unary(MODEL_INFER, request_serializer=None,
                                        response_deserializer=None)
             self._aio = (loop, channel, call)

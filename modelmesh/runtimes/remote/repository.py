@@ -83,9 +83,10 @@ class RepositoryRuntimeLoader(RemoteLoader):
     """
 
     def __init__(self, address: RuntimeAddress, repository: Path, files: EmbeddedLoader, *,
-                 load_timeout_s: float = 120.0, max_message_bytes: int = 16 << 20) -> None:
+                 load_timeout_s: float = 120.0, max_message_bytes: int = 16 << 20,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         super().__init__(address, load_timeout_s=load_timeout_s,
-                         max_message_bytes=max_message_bytes)
+                         max_message_bytes=max_message_bytes, credentials=credentials)
         self.flavor = address.kind
         self.repository = Path(repository)
         #: Where model files come from (the models root, or storage through the disk cache).

@@ -33,9 +33,10 @@ class ModelRuntimeLoader(RemoteLoader):
     """The cache's ``ModelLoader`` for an ``mmesh.ModelRuntime`` server."""
 
     def __init__(self, address: RuntimeAddress, *, load_timeout_s: float = 120.0,
-                 max_message_bytes: int = 16 << 20, default_model_size: int = 1 << 20) -> None:
+                 max_message_bytes: int = 16 << 20, default_model_size: int = 1 << 20,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         super().__init__(address, load_timeout_s=load_timeout_s,
-                         max_message_bytes=max_message_bytes)
+                         max_message_bytes=max_message_bytes, credentials=credentials)
         self.spi = rt_grpc.ModelRuntimeStub(self.channel)
         self.default_model_size = default_model_size
 
