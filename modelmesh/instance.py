@@ -161,7 +161,8 @@ class MeshInstance:
         spawn(heartbeat(node), "heartbeat")
         if s.metrics_port >= 0:
             self.metrics_port = metrics.serve(
-                s.metrics_port, live=lambda: node.liveness(time.monotonic()),
+                s.metrics_port, host=s.metrics_host,
+                live=lambda: node.liveness(time.monotonic()),
                 ready=node.readiness)
 
         self._secure_from_settings()

@@ -530,3 +530,25 @@ def test_without_tls_a_forwarded_request_carries_the_callers_token(
             timeout=10)
     # served by A's copy: B forwarded it (with the token) and loaded nothing
     assert {c.location for c in st.modelCopyInfos} == {f"test-{a.port}"}
+
+
+def _listen_addresses(port: int) -> set[str]:
+    """The local addresses a TCP port listens on (from /proc/net/tcp, IPv4)."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # LISTEN
+            out.add(socket.inet_ntoa(bytes.fromhex(addr)[::-1]))
+    return out
+
+
+def test_the_metrics_port_binds_where_it_is_told(mesh_factory):
+    import urllib.request
+
+    mp = mesh_factory("--metrics-host", "127.0.0.1")
+    assert _listen_addresses(mp.metrics_port) == {"127.0.0.1"}
+    with urllib.request.urlopen(f"http://127.0.0.1:{mp.metrics_port}/live", timeout=10) as r:
+        assert r.status == 200
+    default = mesh_factory()
+    assert _listen_addresses(default.metrics_port) == {"0.0.0.0"}
