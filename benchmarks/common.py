@@ -128,8 +128,13 @@ def start_mesh(procs: Processes, workdir: Path, etcd: EmbeddedEtcd, name: str,
                models_root: Path, capacity: str = "1GiB", mesh_name: str = "bench",
                extra: Sequence[str] = (), metrics: bool = False,
                env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, int | None]:
-    """Start one ``modelmesh serve``; returns (process, endpoint, metrics port or None)."""
+    """Start one ``modelmesh serve``; returns (process, endpoint, metrics port or None).
+
+    REST is off (``--http-port -1``: instances would share the default port) unless
+    ``extra`` names an ``--http-port``."""
     port = free_port()
+    if "--http-port" not in extra:
+        extra = [*extra, "--http-port", "-1"]
     metrics_port = free_port() if metrics else None
     log = workdir / f"mesh-{name}.log"
     proc = procs.spawn(

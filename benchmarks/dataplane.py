@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -218,11 +221,196 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- REST rows
+
+REST_SERVERS = ("mesh-rest", "bare-rest", "mlserver-rest", "kserve-rest")
+REST_MODES = ("binary", "json")
+
+
+def rest_bodies(model: BenchModel) -> dict[str, tuple[bytes, dict[str, str]]]:
+    """mode -> (body, headers) of one V2 REST request: the [1, 4] row, the label asked for."""
+    x = model.input
+    output = OUTPUT[model.model_type]
+    doc = {"inputs": [{"name": model.input_name, "datatype": "FP32", "shape": list(x.shape),
+                       "data": x.reshape(-1).tolist()}],
+           "outputs": [{"name": output}]}
+    raw = x.astype("<f4").tobytes()
+    header = json.dumps({
+        "inputs": [{"name": model.input_name, "datatype": "FP32", "shape": list(x.shape),
+                    "parameters": {"binary_data_size": len(raw)}}],
+        "outputs": [{"name": output, "parameters": {"binary_data": True}}]}).encode()
+    return {"json": (json.dumps(doc).encode(), {"Content-Type": "application/json"}),
+            "binary": (header + raw, {"Content-Type": "application/octet-stream",
+                                      "Inference-Header-Content-Length": str(len(header))})}
+
+
+def http_load(port: int, path: str, body: bytes, headers: dict[str, str], concurrency: int,
+              seconds: float) -> dict[str, float]:
+    """One closed-loop run of ``http_load.py`` in its own process."""
+    spec = {"port": port, "path": path, "body_b64": base64.b64encode(body).decode(),
+            "headers": headers, "concurrency": concurrency, "seconds": seconds}
+    done = subprocess.run([PYTHON, str(Path(__file__).with_name("http_load.py")),
+                           json.dumps(spec)], capture_output=True, text=True,
+                          timeout=seconds + 120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"http_load failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def start_bare_rest(procs: Processes, workdir: Path, model: BenchModel) -> int:
+    port = free_port()
+    log = workdir / f"bare-rest-{model.name}.log"
+    proc = procs.spawn([PYTHON, str(Path(__file__).with_name("peer_servers") / "bare_rest.py"),
+                        str(port), model.model_type, str(model.path)], log=log)
+    wait_http(port, proc, log)
+    return port
+
+
+def wait_http(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    """Until something answers HTTP on ``port`` (any status)."""
+    import http.client
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}):\n"
+                               f"{log.read_text(errors='replace')[-3000:]}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/v2/health/live")
+            conn.getresponse().read()
+            conn.close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing answers HTTP on {port} after {timeout} s")
+
+
+def run_rest(workdir: Path, quick: bool, peers: bool = True) -> dict[str, Any]:
+    """The REST rows: the mesh's REST path against the bare REST floor, MLServer's and
+    KServe's REST, and the mesh's own gRPC path; sklearn, binary and JSON bodies."""
+    model = write_bench_models(workdir / "models")["sklearn"]
+    concurrencies = [1, 16] if quick else [1, 16, 64]
+    seconds = 1.5 if quick else 3.0
+    rounds = 1
+    result: dict[str, Any] = {"machine": machine(), "seconds_per_run": seconds,
+                              "rounds": rounds, "model": model.name, "cells": {}}
+    path = f"/v2/models/{model.name}/infer"
+    bodies = rest_bodies(model)
+    with Processes() as procs:
+        etcd = procs.etcd(workdir / "etcd")
+        mesh_http = free_port()
+        _, mesh_grpc, _ = start_mesh(procs, workdir, etcd, "rest", workdir / "models",
+                                     extra=["--rebalance-interval", "86400",
+                                            "--http-port", str(mesh_http)])
+        register(mesh_grpc, model.name, model.model_type,
+                 str(model.path.relative_to(workdir / "models")))
+        load_here(mesh_grpc, model.name)
+        ports = {"mesh-rest": mesh_http, "bare-rest": start_bare_rest(procs, workdir, model)}
+        if peers:
+            from peers import start_kserve_both, start_mlserver_both
+
+            ports["mlserver-rest"] = start_mlserver_both(procs, workdir, model)[1]
+            ports["kserve-rest"] = start_kserve_both(procs, workdir, model)[1]
+        for _ in range(rounds):
+            for c in concurrencies:
+                cell = result["cells"].setdefault(str(c), {})
+                for mode in REST_MODES:
+                    body, headers = bodies[mode]
+                    for server, port in ports.items():
+                        cell.setdefault(f"{server} {mode}", []).append(
+                            http_load(port, path, body, headers, c, seconds))
+                cell.setdefault("mesh-grpc", []).append(_grpc_with_cpu(mesh_grpc, model, c,
+                                                                       seconds))
+    for cell in result["cells"].values():
+        for key, runs in cell.items():
+            cell[key] = median_of(runs)
+    result["ratios"] = rest_ratios(result)
+    result["summary"] = rest_markdown(result)
+    return result
+
+
+def _grpc_with_cpu(endpoint: str, model: BenchModel, c: int, seconds: float) -> dict[str, float]:
+    import time
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    out = asyncio.run(drive_one(endpoint, model, c, seconds))
+    return {**out, "client_cpu": round((time.process_time() - cpu0)
+                                       / (time.perf_counter() - t0), 3)}
+
+
+def rest_ratios(result: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for c, cell in result["cells"].items():
+        for mode in REST_MODES:
+            mesh = cell[f"mesh-rest {mode}"]
+            key = f"{mode}_c{c}"
+            out[f"rest_vs_bare_throughput_{key}"] = _ratio(mesh, cell[f"bare-rest {mode}"],
+                                                           "requests_per_s")
+            out[f"rest_vs_grpc_p50_{key}"] = _ratio(mesh, cell["mesh-grpc"], "p50_ms")
+            for peer in ("mlserver", "kserve"):
+                other = cell.get(f"{peer}-rest {mode}")
+                if other is None or other["errors"] or not other["requests_per_s"]:
+                    continue  # the peer does not serve this mode: no ratio
+                out[f"rest_vs_{peer}_throughput_{key}"] = _ratio(mesh, other, "requests_per_s")
+                out[f"rest_vs_{peer}_p99_{key}"] = _ratio(mesh, other, "p99_ms")
+    return out
+
+
+REST_TARGETS = (  # (ratio prefix, cells, test, wording)
+    ("rest_vs_mlserver_throughput", ("c16",), lambda v: v >= 2.0,
+     "mesh REST >= 2x MLServer REST req/s"),
+    ("rest_vs_mlserver_p99", ("c16",), lambda v: v < 1.0, "mesh REST p99 < MLServer REST's"),
+    ("rest_vs_bare_throughput", ("c1", "c16", "c64"), lambda v: v >= 0.85,
+     "mesh REST >= 0.85x bare REST req/s"),
+    ("rest_vs_grpc_p50", ("c1", "c16", "c64"), lambda v: v <= 1.3,
+     "mesh REST p50 <= 1.3x mesh gRPC p50"),
+)
+
+
+def rest_misses(ratios_: dict[str, float]) -> tuple[list[str], list[str]]:
+    """(met, missed) targets, in words, one per cell."""
+    met, missed = [], []
+    for prefix, cells, ok, text in REST_TARGETS:
+        for key, value in sorted(ratios_.items()):
+            if key.startswith(prefix + "_") and key.rsplit("_", 1)[1] in cells:
+                (met if ok(value) else missed).append(
+                    f"{text}: {value:g} at {key[len(prefix) + 1:]}")
+    return met, missed
+
+
+def rest_markdown(result: dict[str, Any]) -> str:
+    lines = [f"sklearn `{result['model']}`, one [1, 4] FP32 row, `predict` asked for; "
+             f"{result['seconds_per_run']} s per run, {result['rounds']} round(s). REST "
+             "load from `benchmarks/http_load.py` (raw asyncio HTTP/1.1 keep-alive, one "
+             "connection per caller, its own process); gRPC from tritonclient.grpc.aio in "
+             "the benchmark process. Client CPU: cores the load generator used.", "",
+             "| concurrency | server | req/s | p50 ms | p99 ms | errors | client CPU |",
+             "|---|---|---|---|---|---|---|"]
+    for c, cell in result["cells"].items():
+        for name, r in cell.items():
+            lines.append(f"| {c} | {name} | {r['requests_per_s']:.0f} | {r['p50_ms']:.2f} | "
+                         f"{r['p99_ms']:.2f} | {r['errors']:.0f} | {r['client_cpu']:.2f} |")
+    met, missed = rest_misses(result["ratios"])
+    lines += ["", "Targets met: " + ("; ".join(met) or "none") + ".",
+              "", "Targets missed: " + ("; ".join(missed) or "none") + "."]
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-peers", action="store_true", help="skip MLServer and KServe")
+    ap.add_argument("--rest", action="store_true",
+                    help="only the REST rows (written to results/dataplane-rest.*)")
     args = ap.parse_args()
+    if args.rest:
+        with tempfile.TemporaryDirectory(prefix="mm-bench-rest-") as tmp:
+            result = run_rest(Path(tmp), args.quick, peers=not args.no_peers)
+        print(result["summary"])
+        write_result("dataplane-rest", result, "# Data plane: REST\n\n" + result["summary"])
+        return 0
     with tempfile.TemporaryDirectory(prefix="mm-bench-dp-") as tmp:
         result = run(Path(tmp), args.quick, peers=not args.no_peers)
     print(result["summary"])

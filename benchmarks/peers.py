@@ -94,11 +94,16 @@ def _peer_env(pythonpath: Path | None = None) -> dict[str, str]:
 
 def start_mlserver(procs: Processes, workdir: Path, model: BenchModel) -> str:
     """MLServer serving ``model`` as ``model.name``; its gRPC endpoint once the model is ready."""
+    return start_mlserver_both(procs, workdir, model)[0]
+
+
+def start_mlserver_both(procs: Processes, workdir: Path, model: BenchModel) -> tuple[str, int]:
+    """MLServer serving ``model``: (gRPC endpoint, REST port), once the model is ready."""
     repository = workdir / f"mlserver-{model.name}"
     (repository / model.name).mkdir(parents=True, exist_ok=True)
-    grpc_port = free_port()
+    grpc_port, http_port = free_port(), free_port()
     (repository / "settings.json").write_text(json.dumps({
-        "host": "127.0.0.1", "http_port": free_port(), "grpc_port": grpc_port,
+        "host": "127.0.0.1", "http_port": http_port, "grpc_port": grpc_port,
         "metrics_port": free_port(), "metrics_endpoint": None,
         "parallel_workers": 0, "load_models_at_startup": True, "debug": False,
     }))
@@ -111,22 +116,27 @@ def start_mlserver(procs: Processes, workdir: Path, model: BenchModel) -> str:
                        log=log, cwd=repository, env=_peer_env(PEER_SERVERS))
     endpoint = f"127.0.0.1:{grpc_port}"
     wait_model_ready(endpoint, model.name, proc, log)
-    return endpoint
+    return endpoint, http_port
 
 
 def start_kserve(procs: Processes, workdir: Path, model: BenchModel) -> str:
     """KServe's ModelServer serving ``model`` as ``model.name``; its gRPC endpoint once ready."""
-    grpc_port = free_port()
+    return start_kserve_both(procs, workdir, model)[0]
+
+
+def start_kserve_both(procs: Processes, workdir: Path, model: BenchModel) -> tuple[str, int]:
+    """KServe's ModelServer serving ``model``: (gRPC endpoint, REST port), once ready."""
+    grpc_port, http_port = free_port(), free_port()
     log = workdir / f"kserve-{model.name}.log"
     proc = procs.spawn(
         [str(KSERVE_VENV / "bin" / "python"), str(PEER_SERVERS / "kserve_server.py"),
          "--model_name", model.name, "--model_type", model.model_type,
          "--model_path", str(model.path), "--grpc_port", str(grpc_port),
-         "--http_port", str(free_port())],
+         "--http_port", str(http_port)],
         log=log, cwd=workdir, env=_peer_env())
     endpoint = f"127.0.0.1:{grpc_port}"
     wait_model_ready(endpoint, model.name, proc, log)
-    return endpoint
+    return endpoint, http_port
 
 
 def wait_model_ready(endpoint: str, name: str, proc: subprocess.Popen, log: Path,

@@ -11,6 +11,8 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -85,7 +87,38 @@ def _runtime(args: argparse.Namespace) -> int:
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
-    return grpc.insecure_channel(args.endpoint)
+    """A channel to ``--endpoint``: TLS with ``--ca`` (and a client certificate with
+    ``--cert``/``--key``), carrying ``--token`` as a bearer token on every call."""
+    if args.ca or args.cert:
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        creds = grpc.ssl_channel_credentials(read(args.ca), read(args.key), read(args.cert))
+        if args.token:
+            creds = grpc.composite_channel_credentials(
+                creds, grpc.access_token_call_credentials(args.token))
+        return grpc.secure_channel(args.endpoint, creds)
+    channel = grpc.insecure_channel(args.endpoint)
+    if args.token:  # a token in plaintext: the mesh is reached without TLS
+        return grpc.intercept_channel(channel, _BearerToken(args.token))
+    return channel
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call on a plaintext channel."""
+
+    def __init__(self, token: str) -> None:
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self.header]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._with_token(client_call_details), request)
 
 
 def _mesh_stub(args: argparse.Namespace):
@@ -115,7 +148,7 @@ def _register(args: argparse.Namespace) -> int:
     stub = _mesh_stub(args)
     req = mm.RegisterModelRequest(
         modelId=args.model_id, modelInfo=mm.ModelInfo(type=args.type, path=args.path,
-                                                      key=args.key or ""),
+                                                      key=args.storage_key or ""),
         loadNow=args.load_now, sync=args.sync,
     )
     metadata = [(REPLACE, "true")] if args.replace else []
@@ -269,13 +302,22 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--endpoint", default=os.environ.get("MM_ENDPOINT", DEFAULT_ENDPOINT),
                        help="HOST:PORT of any mesh instance [MM_ENDPOINT]")
         c.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
+        c.add_argument("--ca", default=os.environ.get("MM_CA"),
+                       help="PEM CA to verify the mesh's certificate: use TLS [MM_CA]")
+        c.add_argument("--cert", default=os.environ.get("MM_CERT"),
+                       help="PEM client certificate, for mutual TLS [MM_CERT]")
+        c.add_argument("--key", default=os.environ.get("MM_KEY"),
+                       help="PEM key of --cert [MM_KEY]")
+        c.add_argument("--token", default=os.environ.get("MM_TOKEN"),
+                       help="bearer token sent with every call (--auth-file) [MM_TOKEN]")
         return c
 
     p = client("register", "register a model (or many with --from-file)")
     p.add_argument("model_id", nargs="?")
     p.add_argument("--type", help="sklearn, xgboost, lightgbm, onnx, torchscript, identity")
     p.add_argument("--path", help="model file, relative to the models root")
-    p.add_argument("--key", help="storage key")
+    p.add_argument("--storage-key", dest="storage_key",
+                   help="storage key (ModelInfo.key): a --storage-config name or JSON")
     p.add_argument("--load-now", action="store_true", help="start loading right away")
     p.add_argument("--sync", action="store_true", help="with --load-now: wait for the load")
     p.add_argument("--replace", action="store_true",

@@ -218,9 +218,9 @@ class DataPlane:
             requested = [o.name for o in request.outputs]
             entry = await self.acquire(record, stats)
             try:
-                response = pb.ModelInferResponse(
-                    model_name=request.model_name, model_version=request.model_version,
-                    id=request.id,
+                response = pb.ModelInferResponse(  # the version served, as Triton answers
+                    model_name=request.model_name,
+                    model_version=request.model_version or MODEL_VERSION, id=request.id,
                 )
                 queued = time.perf_counter_ns()
                 model = entry.model

@@ -117,6 +117,14 @@ class Unimplemented(MeshError):
     pass
 
 
+class Unauthenticated(MeshError):
+    """No credential, or one the mesh does not know (``--auth-file``)."""
+
+
+class PermissionDenied(MeshError):
+    """A known credential without the role the call needs."""
+
+
 class UpstreamError(MeshError):
     """A peer instance's or a runtime server's non-OK answer, passed on with its code."""
 

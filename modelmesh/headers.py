@@ -13,6 +13,7 @@ and the copy limits.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import grpc
@@ -33,8 +34,15 @@ ENSURE_LOADED = "/mmesh.ModelMesh/ensureLoaded"
 
 _MODEL_ID_BIN, _VMODEL_ID_BIN = MODEL_ID + "-bin", VMODEL_ID + "-bin"
 _NOT_FORWARDED = frozenset({HOPS, LOAD_HERE, "user-agent", "content-type", "te", "host"})
+_INTERNAL = frozenset({HOPS, LOAD_HERE})
 
 Metadata = list[tuple[str, str | bytes]]
+
+#: Whether the current call may steer routing with the internal headers (``mm-hops``,
+#: ``mm-load-here``): set per call by the ingress. With TLS only another instance of
+#: the mesh may (its certificate says so); without TLS every caller is trusted.
+INTERNAL_HEADERS_TRUSTED: ContextVar[bool] = ContextVar("internal_headers_trusted",
+                                                        default=True)
 
 _BIN = "-bin"
 
@@ -96,7 +104,10 @@ class CallInfo:
         """From (lowercase key, value) pairs: a gRPC call's metadata, or an HTTP request's
         headers as the REST transport filters them (``http_metadata``)."""
         info = cls(timeout=timeout)
+        trusted = INTERNAL_HEADERS_TRUSTED.get()
         for k, v in pairs:
+            if k in _INTERNAL and not trusted:
+                continue  # a client's claim to be a peer is ignored
             if k == HOPS:
                 try:
                     info.hops = int(v)

@@ -38,6 +38,7 @@ from modelmesh._proto.mmesh import model_mesh_pb2 as mm_pb
 from modelmesh._proto.mmesh import model_mesh_pb2_grpc as mm_grpc
 from modelmesh.api import health, reflection
 from modelmesh.api.inference import InferenceServicer
+from modelmesh.api.ingress import Ingress
 from modelmesh.api.management import ExtensionsServicer, ModelMeshServicer
 from modelmesh.cache.local import CacheEvent, EventKind, ModelCache
 from modelmesh.dataplane import DataPlane
@@ -49,20 +50,26 @@ from modelmesh.metrics import Metrics
 from modelmesh.node import Node, heartbeat
 from modelmesh.registry.embedded import EmbeddedEtcd
 from modelmesh.registry.etcd import EtcdClient
+from modelmesh.registry.etcd_security import EtcdSecurity
 from modelmesh.registry.store import Registry
 from modelmesh.rest import RestApp, RestServer
-from modelmesh.routing.peers import PeerPool
+from modelmesh.routing.peers import PeerPool, PeerSecurity
 from modelmesh.routing.router import Router
 from modelmesh.runtimes.formats import check_format
 from modelmesh.runtimes.loader import EmbeddedLoader
 from modelmesh.runtimes.remote import RuntimeBinding, connect_runtime
 from modelmesh.scaling import CopyScaling
+from modelmesh.security.auth import Authorizer
+from modelmesh.security.tls import TlsFiles
 from modelmesh.settings import Settings
 from modelmesh.storage import ModelFiles, check_model_location
 from modelmesh.view import MeshView
 from placement import get_policy
 
 log = logging.getLogger(__name__)
+
+#: Seconds between looks at the TLS files for a rotation (REST; gRPC looks per connection).
+TLS_CHECK_S = 2.0
 
 
 class Supervisor:
@@ -124,6 +131,8 @@ class MeshInstance:
         self.executor: ThreadPoolExecutor | None = None
         self._server: grpc.aio.Server | None = None
         self._rest: RestServer | None = None
+        self._tls: TlsFiles | None = None
+        self._authorizer = Authorizer(None)
         self._health: health.HealthService | None = None
         self._membership: Membership | None = None
 
@@ -155,7 +164,10 @@ class MeshInstance:
                 s.metrics_port, live=lambda: node.liveness(time.monotonic()),
                 ready=node.readiness)
 
-        self.client = client = EtcdClient(endpoints, timeout=10.0)
+        self._secure_from_settings()
+
+        self.client = client = EtcdClient(endpoints, timeout=10.0,
+                                          security=EtcdSecurity.from_settings(s))
         registry = Registry(client, s.etcd_prefix)
         try:
             revision = await registry.load()
@@ -194,7 +206,8 @@ class MeshInstance:
         view = MeshView(registry, cache, dataplane, node, loading_slots=s.max_concurrent_loads,
                         labels=s.labels)
         self.router = router = Router(node, registry, cache, dataplane, view, policy,
-                                      PeerPool(s.max_message_bytes), metrics, spawn,
+                                      PeerPool(s.max_message_bytes, self._peer_security()),
+                                      metrics, spawn,
                                       max_hops=s.max_hops)
         lifecycle = ModelLifecycle(
             node, registry, cache, view, router, spawn,
@@ -209,11 +222,16 @@ class MeshInstance:
 
         inference = InferenceServicer(node, registry, cache, dataplane, router, lifecycle, view,
                                       metrics)
+        if self._tls is not None:
+            spawn(self._watch_tls(self._tls), "tls-files")
         self._server = await self._serve(inference, ModelMeshServicer(node, lifecycle, metrics),
                                          ExtensionsServicer(node, registry, lifecycle, metrics))
         if s.http_port >= 0:  # same loop, same router: a REST request costs no extra hop
-            self._rest = RestServer(RestApp(node, inference, metrics, s.max_message_bytes),
-                                    s.host, s.http_port)
+            self._rest = RestServer(
+                RestApp(node, inference, metrics, s.max_message_bytes,
+                        authorizer=self._authorizer if self._secured() else None),
+                s.host, s.http_port,
+                ssl_context=self._tls.server_context() if self._tls is not None else None)
             self.http_port = await self._rest.start()
         node.instance_id = s.resolved_instance_id(self.port)
         await membership.start(s.advertise or f"127.0.0.1:{self.port}")
@@ -246,14 +264,16 @@ class MeshInstance:
     async def _serve(self, inference: InferenceServicer, management: ModelMeshServicer,
                      extensions: ExtensionsServicer) -> grpc.aio.Server:
         s = self.settings
+        secured = self._secured()
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
-        ])
+        ], interceptors=[Ingress(self._authorizer, self._tls is not None)] if secured else None)
         service, handlers = inference.generic_handler()
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-        server.add_registered_method_handlers(service, handlers)
+        if not secured:  # registered methods would bypass the ingress's interceptor
+            server.add_registered_method_handlers(service, handlers)
         mm_grpc.add_ModelMeshServicer_to_server(management, server)
         ext_grpc.add_ModelMeshExtensionsServicer_to_server(extensions, server)
         served = (service, mm_pb.DESCRIPTOR.services_by_name["ModelMesh"].full_name,
@@ -263,11 +283,45 @@ class MeshInstance:
         self._health.add_to(server)
         if s.grpc_reflection:
             reflection.enable(server, (*served, health.SERVICE_NAME))
-        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        address = f"{s.host}:{s.port}"
+        self.port = server.add_secure_port(address, self._tls.server_credentials()) \
+            if self._tls is not None else server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {s.host}:{s.port}")
         await server.start()
         return server
+
+    def _secure_from_settings(self) -> None:
+        """TLS material and the auth rules; a bad file fails the start, naming it."""
+        s = self.settings
+        try:
+            if s.tls_cert:
+                self._tls = TlsFiles(Path(s.tls_cert), Path(s.tls_key),
+                                     Path(s.tls_ca) if s.tls_ca else None)
+            self._authorizer = Authorizer(Path(s.auth_file) if s.auth_file else None,
+                                          self._tls.identity if self._tls else None)
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"security settings: {exc}") from None
+        if not s.auth_file and s.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("no --auth-file: anyone who can reach %s may register, unregister and "
+                        "infer (README: Security)", s.host)
+
+    def _peer_security(self) -> PeerSecurity | None:
+        """How this instance calls its peers: TLS with its own certificate, when it has one."""
+        tls = self._tls
+        if tls is None:
+            return None
+        return PeerSecurity(tls.channel_credentials, tls.peer_name())
+
+    def _secured(self) -> bool:
+        """Whether calls go through the ingress (TLS, or an auth file)."""
+        return self._tls is not None or self._authorizer.enabled
+
+    async def _watch_tls(self, tls: TlsFiles) -> None:
+        """Re-read rotated certificate files (REST's context; gRPC checks per connection)."""
+        while True:
+            await asyncio.sleep(TLS_CHECK_S)
+            await asyncio.to_thread(tls.refresh)
 
     async def _register_demo_models(self, lifecycle: ModelLifecycle) -> None:
         models = await asyncio.to_thread(write_demo_models, Path(self.settings.models_root))

@@ -71,6 +71,14 @@ def _placement(text: str | tuple[str, dict[str, Any]]) -> tuple[str, dict[str, A
     return name or "density", params
 
 
+def _file(text: str) -> str:
+    """A file that must exist ("" = not set)."""
+    path = str(text).strip()
+    if path and not Path(path).expanduser().is_file():
+        raise ValueError(f"{path} is not a file")
+    return path
+
+
 def _runtime(text: str) -> str:
     """Validate a ``--runtime`` value (syntax in ``RuntimeAddress``)."""
     return str(RuntimeAddress.parse(str(text)))
@@ -95,6 +103,36 @@ def _storage_config(text: str) -> str:
     if not path.exists():
         raise ValueError(f"storage config {path} does not exist")
     return source
+
+
+def _existing_file(text: str | Path) -> Path:
+    """A path to a file that exists (credentials: a typo fails at start, not on connect)."""
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file" if path.exists() else f"{path} does not exist")
+    return path
+
+
+def _check_etcd_security(s: Settings) -> None:
+    """The etcd TLS / auth flags: pairs given together, and only for --etcd endpoints."""
+    if s.etcd_cert and not s.etcd_key:
+        raise ValueError("--etcd-cert needs --etcd-key (the certificate's private key)")
+    if s.etcd_key and not s.etcd_cert:
+        raise ValueError("--etcd-key needs --etcd-cert (the client certificate)")
+    if s.etcd_user and not s.etcd_password_file:
+        raise ValueError("--etcd-user needs --etcd-password-file (a file holding the password)")
+    if s.etcd_password_file and not s.etcd_user:
+        raise ValueError("--etcd-password-file needs --etcd-user")
+    schemes = {e.partition("://")[0].lower() for e in s.etcd if "://" in e}
+    if schemes - {"http", "https"} or len(schemes) > 1:
+        raise ValueError("--etcd: endpoints are HOST:PORT, http://HOST:PORT or "
+                         "https://HOST:PORT, all with the same scheme")
+    given = [flag for flag, value in (
+        ("--etcd-cacert", s.etcd_cacert), ("--etcd-cert", s.etcd_cert),
+        ("--etcd-user", s.etcd_user)) if value]
+    if given and not s.etcd:
+        raise ValueError(f"{given[0]} applies to --etcd endpoints; the embedded etcd (no "
+                         "--etcd) is plaintext on loopback and has no users")
 
 
 _RUNTIME_KINDS = ("mmesh", "mlserver", "triton")
@@ -147,13 +185,22 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("port", "--port", "MM_PORT", int, "gRPC port for V2 inference and management (0 = any free port)"),
     Option("host", "--host", "MM_HOST", str, "address to listen on"),
+    Option("tls_cert", "--tls-cert", "MM_TLS_CERT", _file, "PEM certificate (chain) of the serving ports (gRPC and REST): with --tls-key they use TLS; re-read when the file changes (new connections get the new one)"),
+    Option("tls_key", "--tls-key", "MM_TLS_KEY", _file, "PEM private key of --tls-cert"),
+    Option("tls_ca", "--tls-ca", "MM_TLS_CA", _file, "PEM CA: every client must present a certificate it signed (mutual TLS); instances present their own --tls-cert to each other and verify peers against it"),
+    Option("auth_file", "--auth-file", "MM_AUTH_FILE", _file, "YAML of bearer-token digests and client-certificate identities with roles (infer, read, manage); without it the mesh is open (README: Security); re-read when it changes"),
     Option("http_port", "--http-port", "MM_HTTP_PORT", int, "HTTP port for V2 REST (with Triton's binary tensor extension) and KServe V1 inference, served in the same process and event loop as gRPC (0 = any free port, -1 = off)"),
     Option("metrics_port", "--metrics-port", "MM_METRICS_PORT", int, "HTTP port for Prometheus /metrics and the /live and /ready probes (0 = any free port, -1 = off)"),
     Option("grpc_reflection", "--grpc-reflection", "MM_GRPC_REFLECTION", _bool, "serve gRPC server reflection on the gRPC port, so grpcurl can list and describe the services without .proto files (`--no-grpc-reflection` or `MM_GRPC_REFLECTION=false` turns it off)"),
     Option("data_dir", "--data-dir", "MM_DATA_DIR", Path, "instance state: embedded etcd data, logs"),
     Option("capacity", "--capacity", "MM_CAPACITY", parse_bytes, "bytes of model memory this instance may use (suffixes: KiB MiB GiB, KB MB GB); a model measured larger than this after loading is unloaded again and refused with `RESOURCE_EXHAUSTED` (its size is kept in the registry, so later requests are refused before loading)"),
     Option("models_root", "--models-root", "MM_MODELS_ROOT", Path, "directory model paths are resolved against; paths outside it are refused"),
-    Option("etcd", "--etcd", "MM_ETCD", _comma_list, "etcd endpoints HOST:PORT[,HOST:PORT...]; empty = start an embedded etcd in the data dir"),
+    Option("etcd", "--etcd", "MM_ETCD", _comma_list, "etcd endpoints [https://]HOST:PORT[,...]; empty = start an embedded etcd in the data dir (plaintext, on loopback)"),
+    Option("etcd_cacert", "--etcd-cacert", "MM_ETCD_CACERT", _existing_file, "CA bundle (PEM) that verifies the etcd servers' certificates; turns on TLS to --etcd (as do https:// endpoints, which without it trust the system roots)"),
+    Option("etcd_cert", "--etcd-cert", "MM_ETCD_CERT", _existing_file, "client certificate (PEM) presented to etcd (etcd's --client-cert-auth); needs --etcd-key; re-read when it changes"),
+    Option("etcd_key", "--etcd-key", "MM_ETCD_KEY", _existing_file, "private key (PEM) of --etcd-cert"),
+    Option("etcd_user", "--etcd-user", "MM_ETCD_USER", str, "etcd user to authenticate as (etcd's `auth enable`); needs --etcd-password-file; the token is renewed when etcd expires it"),
+    Option("etcd_password_file", "--etcd-password-file", "MM_ETCD_PASSWORD_FILE", _existing_file, "file holding --etcd-user's password (a trailing newline is ignored; never logged)"),
     Option("mesh_name", "--mesh-name", "MM_MESH_NAME", str, "mesh name; the etcd prefix is /modelmesh/<mesh-name>/"),
     Option("instance_id", "--instance-id", "MM_INSTANCE_ID", str, "this instance's id (default: hostname-port)"),
     Option("advertise", "--advertise", "MM_ADVERTISE", str, "HOST:PORT other instances use to reach this one (default: the listen address)"),
@@ -188,6 +235,10 @@ OPTIONS: tuple[Option, ...] = (
 class Settings:
     port: int = 8033
     host: str = "0.0.0.0"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    auth_file: str = ""
     http_port: int = 8008
     metrics_port: int = 2112
     grpc_reflection: bool = True
@@ -195,6 +246,11 @@ class Settings:
     capacity: int = parse_bytes("1GiB")
     models_root: Path = Path("models")
     etcd: list[str] = field(default_factory=list)
+    etcd_cacert: Path | None = None
+    etcd_cert: Path | None = None
+    etcd_key: Path | None = None
+    etcd_user: str = ""
+    etcd_password_file: Path | None = None
     mesh_name: str = "default"
     instance_id: str = ""
     advertise: str = ""
@@ -269,6 +325,11 @@ def from_sources(args: argparse.Namespace | None = None,
         raise ValueError("--max-concurrent-downloads must be at least 1")
     if settings.max_hops < 1:
         raise ValueError("--max-hops must be at least 1")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if settings.tls_ca and not settings.tls_cert:
+        raise ValueError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
+    _check_etcd_security(settings)
     return settings
 
 

@@ -211,41 +211,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                 message=f"model '{codec.clip(model_id)}' is not registered")
         self.cache.unload(model_id, reason=UnloadReason.REPOSITORY_UNLOAD)
 
-    # -- models (gRPC) ----------------------------------------------------------------
-
-    @grpc_errors("ModelReady")
-    async def ModelReady(self, request, context):  # noqa: N802
-        ready = await self.model_ready(request.name, request.version,
-                                       CallInfo.from_context(context))
-        return pb.ModelReadyResponse(ready=ready)
-
-    @grpc_errors("ModelMetadata")
-    async def ModelMetadata(self, request, context):  # noqa: N802
-        _, response = await self._metadata(request, context)
-        response.name = request.name
-        return response
-
-    @grpc_errors("ModelConfig")
-    async def ModelConfig(self, request, context):  # noqa: N802
-        _, meta = await self._metadata(
-            pb.ModelMetadataRequest(name=request.name, version=request.version), context)
+    async def model_config(self, name: str, version: str, info: CallInfo) -> mc.ModelConfig:
+        """Triton's model configuration, from the model's metadata (no batching declared)."""
+        _, meta = await self.metadata(pb.ModelMetadataRequest(name=name, version=version), info)
 
         def tensors(specs, cls):
             return [cls(name=t.name, data_type=_CONFIG_TYPES.get(t.datatype, mc.TYPE_INVALID),
                         dims=list(t.shape)) for t in specs]
 
-        config = mc.ModelConfig(
-            name=request.name, platform=meta.platform, backend="modelmesh",
-            max_batch_size=0,
+        return mc.ModelConfig(
+            name=name, platform=meta.platform, backend="modelmesh", max_batch_size=0,
+            version_policy=mc.ModelVersionPolicy(
+                latest=mc.ModelVersionPolicy.Latest(num_versions=1)),  # one version
             input=tensors(meta.inputs, mc.ModelInput),
             output=tensors(meta.outputs, mc.ModelOutput),
         )
-        return pb.ModelConfigResponse(config=config)
 
-    @grpc_errors("ModelStatistics")
-    async def ModelStatistics(self, request, context):  # noqa: N802
-        if request.name:
-            model_id = self._model_id(request.name, context)
+    async def model_statistics(self, name: str, info: CallInfo) -> pb.ModelStatisticsResponse:
+        """This instance's inference statistics for one model (``name``), or for every model
+        it has served (``name`` empty)."""
+        if name:
+            model_id = self.data.resolve(name, info.model_id, info.vmodel_id)
             await self.registry.require_model(model_id)
             items = [(model_id, self.data.stats.get(model_id))]
         else:
@@ -264,6 +250,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 ))
             out.append(st)
         return pb.ModelStatisticsResponse(model_stats=out)
+
+    # -- models (gRPC) ----------------------------------------------------------------
+
+    @grpc_errors("ModelReady")
+    async def ModelReady(self, request, context):  # noqa: N802
+        ready = await self.model_ready(request.name, request.version,
+                                       CallInfo.from_context(context))
+        return pb.ModelReadyResponse(ready=ready)
+
+    @grpc_errors("ModelMetadata")
+    async def ModelMetadata(self, request, context):  # noqa: N802
+        _, response = await self._metadata(request, context)
+        response.name = request.name
+        return response
+
+    @grpc_errors("ModelConfig")
+    async def ModelConfig(self, request, context):  # noqa: N802
+        config = await self.model_config(request.name, request.version,
+                                         CallInfo.from_context(context))
+        return pb.ModelConfigResponse(config=config)
+
+    @grpc_errors("ModelStatistics")
+    async def ModelStatistics(self, request, context):  # noqa: N802
+        return await self.model_statistics(request.name, CallInfo.from_context(context))
 
     # -- inference ----------------------------------------------------------------
 

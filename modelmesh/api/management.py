@@ -11,6 +11,7 @@ from modelmesh._proto.mmesh import model_mesh_pb2_grpc as mm_grpc
 from modelmesh.api.status import code_of, grpc_errors
 from modelmesh.errors import InvalidArgument, MeshError
 from modelmesh.headers import (
+    INTERNAL_HEADERS_TRUSTED,
     LOAD_HERE,
     MAX_COPIES,
     MIN_COPIES,
@@ -98,7 +99,9 @@ class ModelMeshServicer(mm_grpc.ModelMeshServicer):
 
     @grpc_errors("ensureLoaded")
     async def ensureLoaded(self, request, context):  # noqa: N802
-        here = bool(metadata_value(context, LOAD_HERE))
+        # mm-load-here is an instance's request to another; from a client (with TLS, anyone
+        # whose certificate is not the mesh's own) it is ignored.
+        here = bool(metadata_value(context, LOAD_HERE)) and INTERNAL_HEADERS_TRUSTED.get()
         return status_proto(await self.models.ensure_loaded(request.modelId, sync=request.sync,
                                                             here=here))
 

@@ -26,10 +26,12 @@ from modelmesh.errors import (
     MeshError,
     ModelLoadFailed,
     ModelNotFound,
+    PermissionDenied,
     PreconditionFailed,
     Rejected,
     RequestTooLarge,
     StorageError,
+    Unauthenticated,
     Unavailable,
     Unimplemented,
     UpstreamError,
@@ -50,6 +52,8 @@ CODES: tuple[tuple[type[MeshError], Code], ...] = (
     (CapacityExceeded, Code.RESOURCE_EXHAUSTED),
     (Unavailable, Code.UNAVAILABLE),  # also Rejected
     (Unimplemented, Code.UNIMPLEMENTED),
+    (Unauthenticated, Code.UNAUTHENTICATED),
+    (PermissionDenied, Code.PERMISSION_DENIED),
 )
 
 #: Status code -> HTTP status, as gRPC-HTTP gateways map them.

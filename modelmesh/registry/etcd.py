@@ -5,6 +5,13 @@ It speaks etcd's gRPC API through the protobuf stubs that ship in ``aetcd``
 aetcd's own watch iterator ends for good when the connection drops, while the
 mesh needs a watch that survives an etcd restart and resumes from the last
 revision it saw (``watch_prefix``).
+
+Security (``EtcdSecurity``, in ``etcd_security``): TLS with the CA, client certificate and key that
+etcdctl calls ``--cacert/--cert/--key`` (files re-read on reconnect when their
+mtime changed, so rotated certificates are picked up), and etcd's own users:
+the client authenticates, sends the token as ``token`` metadata on every call
+and, when etcd says the token is invalid (expired simple tokens, a restarted or
+another member), authenticates again and retries once.
 """
 
 from __future__ import annotations
@@ -20,6 +27,14 @@ import grpc
 from aetcd import rpc
 
 from modelmesh.errors import Unavailable
+from modelmesh.registry.etcd_security import (
+    EtcdSecurity,
+    TokenFiles,
+    explain,
+    misconfigured,
+    split_endpoints,
+    token_rejected,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,45 +132,78 @@ class EtcdClient:
     """One connection to an etcd cluster, failing over between its endpoints.
 
     Every unary call retries on UNAVAILABLE across endpoints until ``timeout``
-    runs out, then raises ``modelmesh.errors.Unavailable``.
+    runs out, then raises ``modelmesh.errors.Unavailable`` with a message that
+    says what went wrong (TLS, authentication, permissions, or plain absence).
+    With ``security``, the channel uses TLS and/or etcd authentication.
     """
 
-    def __init__(self, endpoints: Sequence[str], timeout: float = 5.0) -> None:
+    def __init__(self, endpoints: Sequence[str], timeout: float = 5.0,
+                 security: EtcdSecurity | None = None) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
-        self.endpoints = list(endpoints)
+        self.endpoints, https = split_endpoints(endpoints)
         self.timeout = timeout
+        self.security = sec = security or EtcdSecurity()
+        self._tls = https or sec.cacert is not None or sec.cert is not None
+        # Read now: a missing or unreadable file fails the start, not the first call.
+        self._files = TokenFiles([sec.cacert, sec.cert, sec.key, sec.password_file])
+        self._token: str | None = None
+        self._auth_lock = asyncio.Lock()
+        self._reached = False  # any call has succeeded: TLS and credentials work
+        self._misconfigured: set[int] = set()  # endpoints whose handshake cannot work
         self._index = 0
         self._channel: grpc.aio.Channel | None = None
         self._open(0)
 
+    def _credentials(self) -> grpc.ChannelCredentials:
+        sec, files = self.security, self._files
+        return grpc.ssl_channel_credentials(
+            root_certificates=files.get(sec.cacert),  # None: the system roots
+            private_key=files.get(sec.key), certificate_chain=files.get(sec.cert))
+
     def _open(self, index: int) -> None:
         self._index = index % len(self.endpoints)
         target = self.endpoints[self._index]
-        self._channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", _MAX_MESSAGE),
-                ("grpc.max_send_message_length", _MAX_MESSAGE),
-                ("grpc.keepalive_time_ms", 10_000),
-                ("grpc.keepalive_timeout_ms", 5_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                # Reconnect quickly after an etcd restart.
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 1000),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # Reconnect quickly after an etcd restart.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        if self._tls:
+            self._channel = grpc.aio.secure_channel(target, self._credentials(), options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
         self.kv = rpc.KVStub(self._channel)
         self.leases = rpc.LeaseStub(self._channel)
         self.watches = rpc.WatchStub(self._channel)
         self.maintenance = rpc.MaintenanceStub(self._channel)
+        self.auth = rpc.AuthStub(self._channel)
 
     async def _rotate(self, failed: grpc.aio.Channel | None) -> None:
-        if len(self.endpoints) == 1 or failed is not self._channel:
+        """After a failure on ``failed``: the next endpoint, or new credential files."""
+        if failed is not self._channel:
+            return
+        renewed = self._files.changed()
+        if renewed:
+            try:
+                self._files.refresh()
+            except OSError as exc:  # mid-rotation (a file replaced, not yet written)
+                log.warning("etcd: cannot re-read a credential file (%s); keeping the old", exc)
+                renewed = False
+        if len(self.endpoints) == 1 and not renewed:
             return
         old = self._channel
         self._open(self._index + 1)
-        log.info("etcd: switching to endpoint %s", self.endpoints[self._index])
+        if renewed:
+            log.info("etcd: credential files changed; reconnecting to %s",
+                     self.endpoints[self._index])
+        else:
+            log.info("etcd: switching to endpoint %s", self.endpoints[self._index])
         if old is not None:
             await old.close()
 
@@ -164,16 +212,55 @@ class EtcdClient:
             await self._channel.close()
             self._channel = None
 
-    async def _call(self, method: str, stub_attr: str, request: object) -> Any:
+    # -- authentication ---------------------------------------------------
+
+    async def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """The ``token`` metadata for a call (authenticating first if need be), or None."""
+        if not self.security.user:
+            return None
+        token = self._token
+        if token is None:
+            async with self._auth_lock:  # concurrent callers share one Authenticate
+                if self._token is None:
+                    self._token = await self._authenticate()
+                token = self._token
+        return (("token", token),)
+
+    def _drop_token(self, metadata: tuple[tuple[str, str], ...] | None) -> None:
+        """Forget the token ``metadata`` carried, unless another call already replaced it."""
+        if metadata and self._token == metadata[0][1]:
+            self._token = None
+
+    def _password(self) -> str:
+        if self._files.changed():
+            self._files.refresh()
+        raw = self._files.get(self.security.password_file) or b""
+        return raw.decode().removesuffix("\n").removesuffix("\r")
+
+    async def _authenticate(self) -> str:
+        req = rpc.AuthenticateRequest(name=self.security.user, password=self._password())
+        resp = await self._call("Authenticate", "auth", req, authenticated=False)
+        log.debug("etcd: authenticated as %r", self.security.user)
+        return str(resp.token)
+
+    # -- calls ------------------------------------------------------------
+
+    async def _call(self, method: str, stub_attr: str, request: object,
+                    authenticated: bool = True) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         delay = 0.05
+        reauthenticated_on: grpc.aio.Channel | None = None
         while True:
             channel = self._channel
+            metadata = await self._metadata() if authenticated else None
             stub = getattr(self, stub_attr)
             remaining = deadline - loop.time()
             try:
-                return await getattr(stub, method)(request, timeout=max(remaining, 0.05))
+                resp = await getattr(stub, method)(request, timeout=max(remaining, 0.05),
+                                                   metadata=metadata)
+                self._reached = True
+                return resp
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if (task is not None and task.cancelling()) or channel is self._channel:
@@ -184,14 +271,20 @@ class EtcdClient:
                     raise Unavailable(f"etcd {method} failed: its channel closed") from None
                 continue
             except grpc.aio.AioRpcError as exc:
+                if metadata and token_rejected(exc) and reauthenticated_on is not channel:
+                    # Once per channel: a new member may not know the old token either.
+                    reauthenticated_on = channel
+                    self._drop_token(metadata)
+                    continue
                 retryable = exc.code() in (
                     grpc.StatusCode.UNAVAILABLE,
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                 )
+                if retryable and not self._reached and misconfigured(exc, self._tls):
+                    self._misconfigured.add(self._index)
+                    retryable = len(self._misconfigured) < len(self.endpoints)
                 if not retryable or loop.time() + delay >= deadline:
-                    raise Unavailable(
-                        f"etcd {method} failed: {exc.code().name}: {exc.details()}"
-                    ) from exc
+                    raise Unavailable(explain(method, exc, self.security, tls=self._tls)) from exc
                 await self._rotate(channel)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
@@ -254,16 +347,22 @@ class EtcdClient:
 
     async def lease_keepalive_once(self, lease_id: int) -> int:
         """Refresh a lease; returns its remaining TTL (0 when it has expired)."""
-        call = self.leases.LeaseKeepAlive(timeout=self.timeout)
-        try:
-            await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
-            resp = await call.read()
-            await call.done_writing()
-        except grpc.aio.AioRpcError as exc:
-            await self._rotate(self._channel)
-            raise Unavailable(f"etcd lease keep-alive failed: {exc.code().name}") from exc
-        finally:
-            call.cancel()
+        for attempt in (1, 2):  # a second time with a fresh token, if etcd refused the old
+            metadata = await self._metadata()
+            call = self.leases.LeaseKeepAlive(timeout=self.timeout, metadata=metadata)
+            try:
+                await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+                resp = await call.read()
+                await call.done_writing()
+            except grpc.aio.AioRpcError as exc:
+                if attempt == 1 and metadata and token_rejected(exc):
+                    self._drop_token(metadata)
+                    continue
+                await self._rotate(self._channel)
+                raise Unavailable(f"etcd lease keep-alive failed: {exc.code().name}") from exc
+            finally:
+                call.cancel()
+            break
         if resp is grpc.aio.EOF:
             raise Unavailable("etcd lease keep-alive stream closed")
         return int(resp.TTL)
@@ -290,14 +389,18 @@ class EtcdClient:
             create = rpc.WatchCreateRequest(
                 key=prefix, range_end=end, start_revision=next_rev, progress_notify=True
             )
-            call = self.watches.Watch()
+            call: Any = None
+            metadata = None
             try:
+                # Each (re)connection authenticates anew if need be: etcd checks the
+                # token when a watch is created (an expired one cancels it, below).
+                metadata = await self._metadata()
+                call = self.watches.Watch(metadata=metadata)
                 await call.write(rpc.WatchRequest(create_request=create))
                 while True:
                     resp = await call.read()
                     if resp is grpc.aio.EOF:
                         raise ConnectionError("watch stream ended")
-                    delay = 0.1
                     if resp.compact_revision:
                         log.warning(
                             "etcd watch on %r: revision %d compacted (now %d); resyncing",
@@ -306,7 +409,11 @@ class EtcdClient:
                         yield Resync(resp.compact_revision)
                         return
                     if resp.canceled:
+                        if metadata and ("permission denied" in resp.cancel_reason
+                                         or "auth token" in resp.cancel_reason):
+                            self._drop_token(metadata)  # expired: authenticate again
                         raise ConnectionError(f"watch canceled: {resp.cancel_reason}")
+                    delay = 0.1
                     if resp.events:
                         batch = [
                             WatchEvent(
@@ -319,12 +426,18 @@ class EtcdClient:
                     elif resp.header.revision >= next_rev:
                         # Progress notification: nothing under the prefix changed.
                         next_rev = resp.header.revision + 1
-            except (grpc.aio.AioRpcError, ConnectionError) as exc:
-                detail = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            except (grpc.aio.AioRpcError, ConnectionError, Unavailable) as exc:
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    if metadata and token_rejected(exc):
+                        self._drop_token(metadata)
+                    detail = exc.code().name
+                else:
+                    detail = str(exc)
                 log.info("etcd watch on %r interrupted (%s); resuming at %d", prefix, detail,
                          next_rev)
                 await self._rotate(self._channel)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             finally:
-                call.cancel()
+                if call is not None:
+                    call.cancel()

@@ -6,6 +6,8 @@ Routes (model names are URL-encoded path segments; each is decoded)::
     GET  /v2/health/live | /v2/health/ready    200, or 503 while starting / draining / stopping
     GET  /v2/models/{m}[/versions/{v}]         model metadata
     GET  /v2/models/{m}[/versions/{v}]/ready   200 ready, 400 not ready (as Triton)
+    GET  /v2/models/{m}[/versions/{v}]/config  Triton's model configuration (from the metadata)
+    GET  /v2/models[/{m}[/versions/{v}]]/stats Triton's statistics (this instance's, per model)
     POST /v2/models/{m}[/versions/{v}]/infer   inference (JSON, or JSON + binary tensors)
     POST /v2/repository/index                  models and their state here
     POST /v2/repository/models/{m}/load        load (where placement says) and wait
@@ -33,6 +35,9 @@ from typing import Any
 from urllib.parse import unquote
 
 import orjson
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2 as pb
 
 from modelmesh import __version__
@@ -43,6 +48,8 @@ from modelmesh.headers import CallInfo, http_metadata
 from modelmesh.metrics import Metrics
 from modelmesh.node import Node
 from modelmesh.rest import tensors
+from modelmesh.security.auth import Authorizer, role_of
+from modelmesh.security.tls import Identity
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -63,6 +70,17 @@ class _Answer(Exception):
         self.status, self.doc, self.headers = status, doc, headers
 
 
+def _identity(peercert: dict[str, Any] | None) -> Identity | None:
+    """A verified client certificate (``getpeercert()``'s dict) as an Identity."""
+    if not peercert:
+        return None
+    cn = next((v for rdn in peercert.get("subject", ()) for k, v in rdn if k == "commonName"),
+              "")
+    sans = frozenset(v for kind, v in peercert.get("subjectAltName", ())
+                     if kind in ("DNS", "URI", "IP Address"))
+    return Identity(cn, sans)
+
+
 class _ClientGone(Exception):
     """The client disconnected before its body arrived."""
 
@@ -71,11 +89,16 @@ class RestApp:
     """The ASGI application (``__call__``); one per instance."""
 
     def __init__(self, node: Node, v2: InferenceServicer, metrics: Metrics,
-                 max_body: int) -> None:
+                 max_body: int, authorizer: Authorizer | None = None) -> None:
         self.node = node
         self.v2 = v2
         self.metrics = metrics
         self.max_body = max_body
+        #: Decides each request's caller (None: the mesh is open, no TLS).
+        self.authorizer = authorizer
+        # Metric children looked up once: prometheus' labels() costs more than the observe.
+        self._latency: dict[tuple[str, str], Any] = {}
+        self._request_bytes = metrics.request_bytes.labels("rest")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan is off; websockets are not offered
@@ -85,6 +108,8 @@ class RestApp:
         try:
             segments = [unquote(s) for s in scope["raw_path"].decode("latin-1").split("/")[1:]]
             operation, handler = self._route(scope["method"], segments)
+            if self.authorizer is not None:
+                self._admit(scope, operation)
             status, body, headers = await handler(scope, receive)
         except _Answer as a:
             status, body, headers = a.status, orjson.dumps(a.doc), ((b"content-type", _JSON),
@@ -105,8 +130,31 @@ class RestApp:
                     "headers": [(b"content-length", str(len(body)).encode()), *headers]})
         await send({"type": "http.response.body", "body": body})
         if operation in ("ModelInfer", "V1Predict"):
-            self.metrics.api_request_ms.labels(operation, code, "rest").observe(
-                (time.perf_counter() - start) * 1000)
+            latency = self._latency.get((operation, code))
+            if latency is None:
+                latency = self._latency[operation, code] = self.metrics.api_request_ms.labels(
+                    operation, code, "rest")
+            latency.observe((time.perf_counter() - start) * 1000)
+
+    def _admit(self, scope: Scope, operation: str) -> None:
+        """The caller (token and client certificate) must hold the operation's role.
+
+        REST never honours the internal headers (``http_metadata`` drops them), so a
+        peer is only a caller with every role here.
+        """
+        assert self.authorizer is not None
+        role = role_of("", operation)
+        if role is None:  # health: open to anyone
+            return
+        authorization = None
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                authorization = v.decode("latin-1")
+                break
+        peer = ((scope.get("extensions") or {}).get("tls") or {}).get("peercert")
+        principal = self.authorizer.principal(authorization, _identity(peer))
+        if not principal.peer:
+            self.authorizer.require(principal, role, operation)
 
     # -- routes ---------------------------------------------------------------------
 
@@ -120,6 +168,8 @@ class RestApp:
                 return _get(method, "ServerMetadata", self._server_metadata)
             if seg[1] == "health" and n == 3 and seg[2] in ("live", "ready"):
                 return _get(method, "ServerHealth", self._health(seg[2]))
+            if seg[1:] == ["models", "stats"]:  # every model's (as Triton: shadows "stats")
+                return _get(method, "ModelStatistics", self._statistics(""))
             if seg[1] == "models" and n >= 3:
                 name, rest = seg[2], seg[3:]
                 version = ""
@@ -131,6 +181,10 @@ class RestApp:
                     return _get(method, "ModelReady", self._model_ready(name, version))
                 if rest == ["infer"]:
                     return _post(method, "ModelInfer", self._infer(name, version))
+                if rest == ["config"]:
+                    return _get(method, "ModelConfig", self._config(name, version))
+                if rest == ["stats"]:
+                    return _get(method, "ModelStatistics", self._statistics(name))
             if seg[1] == "repository":
                 if seg[2:] == ["index"]:
                     return _post(method, "RepositoryIndex", self._index)
@@ -181,6 +235,18 @@ class RestApp:
         async def answer(scope: Scope, receive: Receive) -> _Result:
             ready = await self.v2.model_ready(name, version, _info(scope))
             return _ok({"name": name, "ready": ready}, 200 if ready else 400)
+
+        return answer
+
+    def _config(self, name: str, version: str) -> _Handler:
+        async def answer(scope: Scope, receive: Receive) -> _Result:
+            return _ok(proto_json(await self.v2.model_config(name, version, _info(scope))))
+
+        return answer
+
+    def _statistics(self, name: str) -> _Handler:
+        async def answer(scope: Scope, receive: Receive) -> _Result:
+            return _ok(proto_json(await self.v2.model_statistics(name, _info(scope))))
 
         return answer
 
@@ -274,7 +340,7 @@ class RestApp:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self.metrics.request_bytes.labels("rest").observe(len(body))
+        self._request_bytes.observe(len(body))
         if encoding in (b"identity", b""):
             return body
         if encoding in (b"gzip", b"x-gzip", b"deflate"):
@@ -319,6 +385,40 @@ def _header_length(scope: Scope) -> int | None:
 
 def _tensor_meta(t: pb.ModelMetadataResponse.TensorMetadata) -> dict[str, Any]:
     return {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+
+
+def proto_json(message: Message) -> dict[str, Any]:
+    """A protobuf message as Triton's REST answers print it: proto field names, every field
+    (defaults too), enums by name, and 64-bit integers as JSON numbers (not strings)."""
+    doc = json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                    always_print_fields_with_no_presence=True)
+    return _numbers(doc, message.DESCRIPTOR)
+
+
+_INT64_TYPES = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
+
+
+def _numbers(doc: dict[str, Any], descriptor: Descriptor) -> dict[str, Any]:
+    for field in descriptor.fields:
+        if field.name not in doc:
+            continue
+        value = doc[field.name]
+        kind = field.message_type
+        if kind is not None and kind.GetOptions().map_entry:
+            inner = kind.fields_by_name["value"]
+            doc[field.name] = {k: _field_value(v, inner) for k, v in value.items()}
+        else:
+            doc[field.name] = ([_field_value(v, field) for v in value]
+                               if isinstance(value, list) else _field_value(value, field))
+    return doc
+
+
+def _field_value(value: Any, field: FieldDescriptor) -> Any:
+    if field.message_type is not None and isinstance(value, dict):
+        return _numbers(value, field.message_type)
+    if field.cpp_type in _INT64_TYPES and isinstance(value, str):
+        return int(value)
+    return value
 
 
 def _inflate(body: bytes, wbits: int, limit: int) -> bytes:

@@ -10,12 +10,24 @@ Chosen by measurement: ``benchmarks/http_servers.py``.
 from __future__ import annotations
 
 import logging
+import ssl
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from modelmesh.rest.app import RestApp
 
 log = logging.getLogger(__name__)
+
+
+class _TlsIdentityProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with the verified client certificate in the scope
+    (``scope["extensions"]["tls"]["peercert"]``, ``ssl.SSLSocket.getpeercert``'s dict)."""
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        peer = self.transport.get_extra_info("peercert")
+        self.scope["extensions"] = {"tls": {"peercert": peer}}  # type: ignore[typeddict-unknown-key]
 
 #: Seconds an idle keep-alive connection stays open.
 KEEP_ALIVE_S = 30.0
@@ -24,10 +36,14 @@ KEEP_ALIVE_S = 30.0
 class RestServer:
     """``await start()`` (returns the bound port), ``await stop(grace)``."""
 
-    def __init__(self, app: RestApp, host: str, port: int) -> None:
+    def __init__(self, app: RestApp, host: str, port: int,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.host, self.port = host, port
+        self._ssl = ssl_context
         self._config = uvicorn.Config(
-            app, host=host, port=port, loop="none", http="httptools", interface="asgi3",
+            app, host=host, port=port, loop="none",
+            http=_TlsIdentityProtocol if ssl_context is not None else "httptools",
+            interface="asgi3",
             lifespan="off", log_config=None, access_log=False, proxy_headers=False,
             server_header=False, date_header=False, timeout_keep_alive=int(KEEP_ALIVE_S),
             backlog=2048,
@@ -38,6 +54,8 @@ class RestServer:
         """Listen and serve; returns the bound port (``port`` 0: any free one)."""
         config, server = self._config, self._server
         config.load()
+        if self._ssl is not None:  # ours: reloaded in place when the files rotate
+            config.ssl = self._ssl
         server.lifespan = config.lifespan_class(config)
         try:
             await server.startup()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import grpc
 
@@ -41,8 +42,18 @@ class PeerError(Exception):
 CLOSE_GRACE_S = 30.0
 
 
+@dataclass(frozen=True)
+class PeerSecurity:
+    """TLS towards peers: credentials (made per new channel, so a rotated certificate is
+    used by the next one) and the name peers' certificates must carry."""
+
+    credentials: Callable[[], grpc.ChannelCredentials]
+    server_name: str
+
+
 class PeerPool:
-    def __init__(self, max_message_bytes: int) -> None:
+    def __init__(self, max_message_bytes: int, security: PeerSecurity | None = None) -> None:
+        self.security = security
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -59,7 +70,14 @@ class PeerPool:
         if call is None:
             channel = self._channels.get(endpoint)
             if channel is None:
-                channel = grpc.aio.insecure_channel(endpoint, options=self._options)
+                sec = self.security
+                if sec is None:
+                    channel = grpc.aio.insecure_channel(endpoint, options=self._options)
+                else:  # peers are addressed by IP: verify the mesh's own name instead
+                    channel = grpc.aio.secure_channel(
+                        endpoint, sec.credentials(),
+                        options=[*self._options, ("grpc.ssl_target_name_override",
+                                                  sec.server_name)])
                 self._channels[endpoint] = channel
             call = channel.unary_unary(method, request_serializer=None,
                                        response_deserializer=None)

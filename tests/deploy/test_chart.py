@@ -39,6 +39,7 @@ VARIANTS = {
     "monitoring": "monitoring-values.yaml",
     "podmonitor": "podmonitor-values.yaml",
     "hostnetwork": "hostnetwork-values.yaml",
+    "tls": "tls-values.yaml",
 }
 #: Kubernetes versions the rendered manifests are validated against: one the chart's
 #: users run widely, and the newest kubernetes-validate ships.
@@ -448,6 +449,24 @@ def test_external_etcd_deploys_no_etcd(helm: Path) -> None:
     assert flag(c, "mesh-name") == "prod"
 
 
+def test_tls_and_auth_secrets_become_the_mesh_flags(helm: Path) -> None:
+    for kube in ("1.20.2", "1.27.0"):
+        docs = render(*_variant_args("tls"), "--kube-version", kube)
+        c = mesh_container(docs)
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        assert flag(c, "tls-cert") == f"{mounts['tls']}/tls.crt"
+        assert flag(c, "tls-key") == f"{mounts['tls']}/tls.key"
+        assert flag(c, "tls-ca") == f"{mounts['tls']}/ca.crt"
+        assert flag(c, "auth-file") == f"{mounts['auth']}/auth.yaml"
+        pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        assert secrets["tls"] == "modelmesh-tls" and secrets["auth"] == "modelmesh-auth"
+        # the kubelet's gRPC probe is plaintext: with TLS the probes are HTTP
+        assert "httpGet" in c["readinessProbe"] and "httpGet" in c["startupProbe"]
+    plain = mesh_container(render("--kube-version", "1.27.0"))
+    assert flag(plain, "tls-cert") is None and flag(plain, "auth-file") is None
+
+
 def test_existing_storage_config_secret_is_mounted_by_name(helm: Path) -> None:
     docs = render(*_variant_args("external-etcd"))
     assert not [d for d in docs if d["kind"] == "Secret"]
@@ -500,14 +519,17 @@ def test_network_policies_cover_forwarding_clients_and_etcd(helm: Path) -> None:
     assert etcd[0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "mesh"
 
 
-def test_etcd_security_values_wait_for_mesh_support(helm: Path, tmp_path: Path) -> None:
+def test_etcd_security_values_pass_the_mesh_flags(helm: Path, tmp_path: Path) -> None:
+    from modelmesh.settings import OPTIONS
+
     values = {"etcd": {"endpoints": ["etcd:2379"],
                        "tls": {"secretName": "etcd-ca", "clientCert": True},
                        "auth": {"user": "mesh", "passwordSecret": {"name": "etcd-pw"}}}}
-    err = render_error(values=values, tmp_path=tmp_path)
-    assert "--etcd-cacert" in err and "securityFlagsSupported" in err
-    values["etcd"]["securityFlagsSupported"] = True
     c = mesh_container(render(values=values, tmp_path=tmp_path))
+    flags = {opt.flag for opt in OPTIONS}
+    passed = {a.split("=", 1)[0] for a in c["args"] if a.startswith("--etcd-")}
+    assert passed == {"--etcd-cacert", "--etcd-cert", "--etcd-key", "--etcd-user",
+                      "--etcd-password-file"} and passed <= flags
     assert flag(c, "etcd-cacert") == "/etc/modelmesh/etcd-tls/ca.crt"
     assert flag(c, "etcd-cert") == "/etc/modelmesh/etcd-tls/tls.crt"
     assert flag(c, "etcd-key") == "/etc/modelmesh/etcd-tls/tls.key"
@@ -517,6 +539,15 @@ def test_etcd_security_values_wait_for_mesh_support(helm: Path, tmp_path: Path) 
     assert {"etcd-tls", "etcd-auth"} <= mounted
     # Without the values: no such flags at all.
     assert not [a for a in mesh_container(render())["args"] if a.startswith("--etcd-c")]
+    # An older image without the flags: refused with a message, not a crash-looping pod.
+    values["etcd"]["securityFlagsSupported"] = False
+    err = render_error(values=values, tmp_path=tmp_path)
+    assert "--etcd-cacert" in err and "securityFlagsSupported" in err
+    # The private per-pod etcd is plaintext on loopback: the values cannot apply there.
+    embedded = {"replicaCount": 1, "autoscaling": {"enabled": False},
+                "etcd": {"endpoints": [], "bundled": {"enabled": False},
+                         "tls": {"secretName": "etcd-ca"}}}
+    assert "apply to etcd.endpoints" in render_error(values=embedded, tmp_path=tmp_path)
 
 
 # -- bad values are refused with a message that says what to change ---------------------

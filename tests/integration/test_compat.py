@@ -445,7 +445,8 @@ def test_both_id_headers_are_invalid_argument(emb, iris, v2):
 def test_a_version_the_model_does_not_have_is_not_found(iris, v2, embedded_mesh):
     iris("ver-a", load=True)
     for version in ("", "1"):
-        assert v2.ModelInfer(_iris_request("ver-a", version), timeout=30).outputs
+        answer = v2.ModelInfer(_iris_request("ver-a", version), timeout=30)
+        assert answer.outputs and answer.model_version == "1"  # the version served (Triton)
     code, details = code_of(lambda: v2.ModelInfer(_iris_request("ver-a", "2"), timeout=30))
     assert code == grpc.StatusCode.NOT_FOUND and "version '2'" in details
     code, _ = code_of(lambda: v2.ModelMetadata(pb.ModelMetadataRequest(name="ver-a",

@@ -138,6 +138,7 @@ def test_every_datatype_round_trips(client, datatype, binary):
                           request_id="req-7")
     got = result.as_numpy("t")
     assert result.get_response()["id"] == "req-7"
+    assert result.get_response()["model_version"] == "1"  # the version served, as Triton
     assert result.get_output("t")["datatype"] == datatype
     if datatype == "BYTES":
         got = np.vectorize(lambda v: v if isinstance(v, bytes) else v.encode())(got)
@@ -489,3 +490,22 @@ def test_vmodels_resolve_by_path_and_header(mesh, client):
                      headers={"mm-vmodel-id": "rest-vm"})
     assert (r.as_numpy("x") == 3).all()
     assert client.is_model_ready("rest-vm")
+
+
+def test_model_config_and_statistics(mesh, client):
+    """Triton's configuration and statistics extensions, as tritonclient.http reads them."""
+    config = client.get_model_config("echo4")
+    assert config["name"] == "echo4" and config["max_batch_size"] == 0
+    assert config["input"][0]["name"] == "x" and config["input"][0]["data_type"] == "TYPE_FP32"
+    assert config["input"][0]["dims"] == [-1, 4]  # numbers, not protobuf's int64 strings
+    assert config["version_policy"] == {"latest": {"num_versions": 1}}
+    client.infer("echo4", [echo_input("x", np.ones((1, 4), np.float32), "FP32", True)])
+    stats = client.get_inference_statistics("echo4")["model_stats"]
+    assert [s["name"] for s in stats] == ["echo4"]
+    assert stats[0]["inference_count"] >= 1 and isinstance(stats[0]["inference_count"], int)
+    assert stats[0]["inference_stats"]["success"]["count"] >= 1
+    every = client.get_inference_statistics()["model_stats"]
+    assert "echo4" in {s["name"] for s in every}
+    assert request(mesh, "GET", "/v2/models/nope/config")[0] == 404
+    assert request(mesh, "GET", "/v2/models/nope/stats")[0] == 404
+    assert request(mesh, "POST", "/v2/models/echo4/config")[0] == 405

@@ -36,6 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("modelmesh.codec", "modelmesh.wire"),
     ("modelmesh.settings", "modelmesh.errors", "modelmesh.metrics", "modelmesh.tensor",
      "modelmesh.units", "modelmesh.node", "modelmesh.headers", "modelmesh.demo",
+     "modelmesh.security",
      "modelmesh._proto", "modelmesh"),
 )
 

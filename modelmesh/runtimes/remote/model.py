@@ -46,9 +46,10 @@ MODEL_INFER_KEY = "inference.GRPCInferenceService/ModelInfer"
 #: Deadline of the quick SPI calls (sizes, status, unload), seconds.
 CALL_TIMEOUT_S = 30.0
 
-# Metadata the mesh must not pass on: transport headers and the mesh's own.
+# Metadata the mesh must not pass on: transport headers, the mesh's own, and the
+# client's credential (authorized at the ingress; a runtime has no use for it).
 _DROP_PREFIXES = (":", "grpc-", "mm-")
-_DROP_KEYS = frozenset({"content-type", "user-agent", "te", "host"})
+_DROP_KEYS = frozenset({"content-type", "user-agent", "te", "host", "authorization"})
 
 
 def _forward_metadata(

@@ -110,11 +110,12 @@ limit of the container that holds the models (floored to whole bytes).
 {{- end -}}
 {{- end -}}
 
-{{/* "true" when readiness and startup probes use gRPC health. */}}
+{{/* "true" when readiness and startup probes use gRPC health (the kubelet's gRPC probe
+speaks plaintext only: with TLS on the serving port, "auto" means HTTP /ready). */}}
 {{- define "modelmesh.grpcProbes" -}}
 {{- if eq .Values.probes.type "grpc" -}}
 true
-{{- else if and (eq .Values.probes.type "auto") (semverCompare ">=1.24-0" .Capabilities.KubeVersion.Version) -}}
+{{- else if and (eq .Values.probes.type "auto") (not .Values.tls.secretName) (semverCompare ">=1.24-0" .Capabilities.KubeVersion.Version) -}}
 true
 {{- end -}}
 {{- end -}}
@@ -169,7 +170,10 @@ Checks the schema cannot express; every template that renders the mesh includes 
 {{- fail "etcd: set etcd.endpoints (an existing cluster) or etcd.bundled.enabled=true. Without either every pod starts its own private etcd, so replicaCount > 1 (or autoscaling) would make separate meshes that do not share models" -}}
 {{- end -}}
 {{- if and (or .Values.etcd.tls.secretName .Values.etcd.auth.user) (not .Values.etcd.securityFlagsSupported) -}}
-{{- fail "etcd.tls / etcd.auth are set, but this mesh version has no --etcd-cacert/--etcd-cert/--etcd-key/--etcd-user/--etcd-password-file flags (modelmesh/settings.py). Set etcd.securityFlagsSupported=true only with an image whose mesh supports them" -}}
+{{- fail "etcd.tls / etcd.auth are set, but etcd.securityFlagsSupported=false says this image's mesh has no --etcd-cacert/--etcd-cert/--etcd-key/--etcd-user/--etcd-password-file flags (modelmesh/settings.py). Use an image whose mesh supports them and leave etcd.securityFlagsSupported at true" -}}
+{{- end -}}
+{{- if and (or .Values.etcd.tls.secretName .Values.etcd.auth.user) (not .Values.etcd.endpoints) (not .Values.etcd.bundled.enabled) -}}
+{{- fail "etcd.tls / etcd.auth apply to etcd.endpoints (an existing cluster); without endpoints or the bundled etcd each pod runs a private etcd, plaintext on loopback, which takes neither" -}}
 {{- end -}}
 {{- if and .Values.etcd.auth.user (not .Values.etcd.auth.passwordSecret.name) -}}
 {{- fail "etcd.auth.user is set but etcd.auth.passwordSecret.name is not: name the Secret holding the password" -}}

@@ -1,0 +1,149 @@
+"""The gRPC ingress: every call's caller decided once, before any servicer runs.
+
+A ``grpc.aio`` server interceptor wraps each method handler: the caller is
+recognised from its ``authorization: Bearer`` metadata and its verified client
+certificate (``modelmesh.security.auth``), the method's role is required, and
+whether the call may use the mesh's internal headers is set for the servicers
+(``headers.INTERNAL_HEADERS_TRUSTED``). A refused call is answered
+UNAUTHENTICATED or PERMISSION_DENIED from the one status table, without running
+the servicer and without keeping the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from modelmesh.api.status import answer_error, status_of
+from modelmesh.errors import MeshError
+from modelmesh.headers import INTERNAL_HEADERS_TRUSTED
+from modelmesh.security.auth import Authorizer, role_of
+from modelmesh.security.tls import Identity
+
+
+def call_identity(context: grpc.aio.ServicerContext) -> Identity | None:
+    """The verified client certificate's identity (None without one)."""
+    auth = context.auth_context() or {}
+    cns = auth.get("x509_common_name") or []
+    sans = auth.get("x509_subject_alternative_name") or []
+    if not cns and not sans:
+        return None
+    return Identity(cns[0].decode(errors="replace") if cns else "",
+                    frozenset(s.decode(errors="replace") for s in sans))
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    for k, v in context.invocation_metadata() or ():
+        if k == "authorization":
+            return v if isinstance(v, str) else v.decode(errors="replace")
+    return None
+
+
+class Ingress(grpc.aio.ServerInterceptor):
+    """Authorizes every call; ``tls``: the port uses TLS (peers can be recognised)."""
+
+    def __init__(self, authorizer: Authorizer, tls: bool) -> None:
+        self.authorizer = authorizer
+        self.tls = tls
+
+    def _admit(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        """Decide the call (raises Unauthenticated / PermissionDenied) and mark its trust."""
+        service, _, operation = method.lstrip("/").rpartition("/")
+        role = role_of(service, operation)
+        identity = call_identity(context) if self.tls else None
+        if role is None:  # probes and discovery: open to anyone, steer nothing
+            INTERNAL_HEADERS_TRUSTED.set(not self.tls or self.authorizer.is_peer(identity))
+            return
+        principal = self.authorizer.principal(_authorization(context), identity)
+        # Internal headers: without TLS every caller is trusted (README: Security).
+        INTERNAL_HEADERS_TRUSTED.set(principal.peer or not self.tls)
+        if not principal.peer:
+            self.authorizer.require(principal, role, operation)
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        admit = self._admit
+
+        def refuse(context: grpc.aio.ServicerContext, exc: MeshError) -> None:
+            code, message = status_of(exc)
+            answer_error(context, code, message, ())
+
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    admit(method, context)
+                except MeshError as exc:
+                    refuse(context, exc)
+                    return None
+                return await inner_uu(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext
+                                   ) -> AsyncIterator[Any]:
+                try:
+                    admit(method, context)
+                except MeshError as exc:
+                    refuse(context, exc)
+                    return
+                async for item in _iterate(inner_us(request, context)):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.stream_stream is not None:
+            inner_ss = handler.stream_stream
+
+            async def stream_stream(requests: Any, context: grpc.aio.ServicerContext
+                                    ) -> AsyncIterator[Any]:
+                try:
+                    admit(method, context)
+                except MeshError as exc:
+                    refuse(context, exc)
+                    return
+                async for item in _iterate(inner_ss(requests, context)):
+                    yield item
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                admit(method, context)
+            except MeshError as exc:
+                refuse(context, exc)
+                return None
+            return await inner_su(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+async def _iterate(result: Any) -> AsyncIterator[Any]:
+    """A streaming handler's responses, whether it is an async generator or a coroutine
+    (a handler may also write with ``context.write`` and return None)."""
+    if hasattr(result, "__aiter__"):
+        async for item in result:
+            yield item
+    else:
+        value = await result
+        if value is not None:
+            yield value
