@@ -34,6 +34,9 @@ from modelmesh.view import MeshView, ModelStatus, Status
 
 log = logging.getLogger(__name__)
 
+#: Longest a synchronous load waits for its new copy record to reach this instance's view.
+COPY_VISIBLE_S = 5.0
+
 
 class CopyPlacer(Protocol):
     """Where a model's next copy goes, and asking an instance to load one (the router)."""
@@ -161,27 +164,39 @@ class ModelLifecycle:
         live = set(self.view.copy_states(model_id).values())
         if CopyState.LOADED in live or (CopyState.LOADING in live and not sync):
             return status
+        started = False
         if CopyState.LOADING not in live:
             target, _ = self.placer.choose(record)
             try:
                 await self.placer.load_on(target or me, model_id, sync=sync,
                                           timeout=self.load_timeout)
+                started = True
             except MeshError:
                 if not sync:
                     raise
         if sync:
-            await self._wait_loaded(model_id)
+            await self._wait_loaded(model_id, copy_expected=started)
         return self.status(model_id)
 
-    async def _wait_loaded(self, model_id: str) -> None:
-        """Wait (bounded by the load timeout) until no live copy is LOADING any more."""
+    async def _wait_loaded(self, model_id: str, copy_expected: bool = False) -> None:
+        """Wait (bounded by the load timeout) until no live copy is LOADING any more.
+
+        ``copy_expected``: a load was just done (on another instance, perhaps), so
+        wait, briefly, for its copy record to reach this instance's view too: the
+        peer's answer can arrive before the watch event does, and the status then
+        said NOT_LOADED for a model that was loaded.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.load_timeout
+        seen_by = loop.time() + min(COPY_VISIBLE_S, self.load_timeout)
         while loop.time() < deadline:
             states = set(self.view.copy_states(model_id).values())
-            if CopyState.LOADED in states or CopyState.LOADING not in states:
+            if CopyState.LOADED in states:
                 return
-            await asyncio.sleep(0.05)
+            if CopyState.LOADING not in states and \
+                    (states or not copy_expected or loop.time() >= seen_by):
+                return
+            await asyncio.sleep(0.02)
 
     def status(self, model_id: str) -> ModelStatus:
         """The model's status across the mesh (``MeshView.model_status``)."""

@@ -5,6 +5,8 @@ See tests/support/parts.py: a real ModelCache and Registry mirror, a stand-in lo
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from modelmesh.errors import InvalidArgument
@@ -74,5 +76,37 @@ async def test_an_unknown_vmodel_has_no_state():
     try:
         status = parts.lifecycle.vmodel_status("nope")
         assert status.state is None and status.active_status.status is Status.NOT_FOUND
+    finally:
+        await parts.close()
+
+
+class LaggingPeer:
+    """Stand-in for the router as CopyPlacer: places every model on the peer "a", whose
+    load finishes before its copy record reaches this instance's mirror (as found by
+    deploy/test-kubernetes: the peer answered, the watch event came ~5 ms later)."""
+
+    def __init__(self, registry, delay_s: float) -> None:
+        self.registry, self.delay_s = registry, delay_s
+        self.tasks: list[asyncio.Task] = []
+
+    def choose(self, record):
+        return "a", True
+
+    async def load_on(self, target, model_id, sync=False, timeout=None):
+        async def record_arrives() -> None:
+            await asyncio.sleep(self.delay_s)
+            put(self.registry, CopyRecord(model_id, target, CopyState.LOADED))
+
+        self.tasks.append(asyncio.get_running_loop().create_task(record_arrives()))
+
+
+async def test_a_sync_load_on_a_peer_waits_for_its_copy_to_be_seen():
+    parts = build("me", peers=("a",))
+    try:
+        put(parts.registry, ModelRecord("m", "identity", "m.json"))
+        parts.lifecycle.placer = placer = LaggingPeer(parts.registry, 0.2)
+        status = await parts.lifecycle.ensure_loaded("m", sync=True)
+        assert status.status is Status.LOADED  # not NOT_LOADED from a lagging view
+        await asyncio.gather(*placer.tasks)
     finally:
         await parts.close()
