@@ -197,9 +197,13 @@ class DataPlane:
             finally:
                 self.cache.release(entry)
         except MeshError:
-            stats.fail.add(time.perf_counter_ns() - start)
+            took = time.perf_counter_ns() - start
+            stats.fail.add(took)
+            self._observe_model(record.model_id, "ERROR", took)
             raise
-        stats.success.add(time.perf_counter_ns() - start)
+        took = time.perf_counter_ns() - start
+        stats.success.add(took)
+        self._observe_model(record.model_id, "OK", took)
         stats.execution_count += 1
         stats.inference_count += 1
         stats.last_inference_ms = int(time.time() * 1000)
@@ -237,9 +241,13 @@ class DataPlane:
             finally:
                 self.cache.release(entry)
         except MeshError:
-            stats.fail.add(time.perf_counter_ns() - start)
+            took = time.perf_counter_ns() - start
+            stats.fail.add(took)
+            self._observe_model(model_id, "ERROR", took)
             raise
-        stats.success.add(time.perf_counter_ns() - start)
+        took = time.perf_counter_ns() - start
+        stats.success.add(took)
+        self._observe_model(model_id, "OK", took)
         # V2 counts inferences per batch element: the first dimension of the first input.
         first = inputs[0].data if inputs else None
         stats.inference_count += int(first.shape[0]) if first is not None and first.ndim else 1
@@ -256,12 +264,19 @@ class DataPlane:
                 self.stats[model_id] = stats
         return stats
 
+    def _observe_model(self, model_id: str, code: str, ns: int) -> None:
+        """The per-model series (``--per-model-metrics``), for registered models only: a
+        request finishing after its model's unregistration must not bring it back."""
+        if self.metrics.model_request_ms is not None and model_id in self.registry.models:
+            self.metrics.observe_model(model_id, code, ns / 1e6)
+
     def forget(self, model_id: str) -> None:
         """Drop what is kept about a model that was unregistered (statistics, batching)."""
         stats = self.stats.pop(model_id, None)
         if stats is not None:
             self._forgotten_executions += stats.execution_count
         self.runner.forget(model_id)
+        self.metrics.forget_model(model_id)
 
     def _on_batch(self, requests: int) -> None:
         self.metrics.batches.inc()

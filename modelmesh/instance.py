@@ -121,7 +121,7 @@ class MeshInstance:
         self.port = 0
         self.metrics_port = 0
         self.http_port = 0
-        self.metrics = Metrics()
+        self.metrics = Metrics(per_model=settings.per_model_metrics)
         self.supervisor = Supervisor()
         self.embedded_etcd: EmbeddedEtcd | None = None
         self.runtime: RuntimeBinding | None = None  # a runtime server (--runtime), if any

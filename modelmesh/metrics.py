@@ -40,8 +40,16 @@ _MS_BUCKETS = (0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000,
 class Metrics:
     """The instance's metrics; the API, cache and data plane update them."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_model: bool = False) -> None:
         self.registry = r = CollectorRegistry()
+        #: ``--per-model-metrics`` (as ModelMesh's ``per_model_metrics``): a series per
+        #: model id, dropped when the model is unregistered. Off by default: with tens of
+        #: thousands of models the series would swamp Prometheus.
+        self.model_request_ms: Histogram | None = Histogram(
+            "modelmesh_model_request_milliseconds",
+            "Time to serve an inference request on the instance holding the model, per model",
+            ["modelid", "code"], buckets=_MS_BUCKETS, registry=r,
+        ) if per_model else None
         self.api_request_ms = Histogram(
             "modelmesh_api_request_milliseconds",
             "Time to serve an external inference request, end to end (protocol: grpc or rest)",
@@ -152,6 +160,22 @@ class Metrics:
             "modelmesh_disk_cache_evictions",
             "Models evicted from the local disk cache since start", registry=r,
         )
+
+    def observe_model(self, model_id: str, code: str, ms: float) -> None:
+        """One request served here for ``model_id`` (only with per-model metrics)."""
+        if self.model_request_ms is not None:
+            self.model_request_ms.labels(model_id, code).observe(ms)
+
+    def forget_model(self, model_id: str) -> None:
+        """Drop an unregistered model's series (only with per-model metrics)."""
+        hist = self.model_request_ms
+        if hist is None:
+            return
+        for code in ("OK", "ERROR"):
+            try:
+                hist.remove(model_id, code)
+            except KeyError:
+                pass
 
     def serve(self, port: int, host: str = "0.0.0.0", live: Probe = _always,
               ready: Probe = _always) -> int:

@@ -200,6 +200,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("http_port", "--http-port", "MM_HTTP_PORT", int, "HTTP port for V2 REST (with Triton's binary tensor extension) and KServe V1 inference, served in the same process and event loop as gRPC (0 = any free port, -1 = off)"),
     Option("metrics_port", "--metrics-port", "MM_METRICS_PORT", int, "HTTP port for Prometheus /metrics and the /live and /ready probes (0 = any free port, -1 = off)"),
     Option("metrics_host", "--metrics-host", "MM_METRICS_HOST", str, "address the metrics port listens on (plaintext, no credentials: bind it where the scraper and the kubelet reach it)"),
+    Option("per_model_metrics", "--per-model-metrics", "MM_PER_MODEL_METRICS", _bool, "also export modelmesh_model_request_milliseconds with a modelid label (one series per model served here, dropped on unregister; off by default: tens of thousands of models would swamp Prometheus)"),
     Option("grpc_reflection", "--grpc-reflection", "MM_GRPC_REFLECTION", _bool, "serve gRPC server reflection on the gRPC port, so grpcurl can list and describe the services without .proto files (`--no-grpc-reflection` or `MM_GRPC_REFLECTION=false` turns it off)"),
     Option("data_dir", "--data-dir", "MM_DATA_DIR", Path, "instance state: embedded etcd data, logs"),
     Option("capacity", "--capacity", "MM_CAPACITY", parse_bytes, "bytes of model memory this instance may use (suffixes: KiB MiB GiB, KB MB GB); a model measured larger than this after loading is unloaded again and refused with `RESOURCE_EXHAUSTED` (its size is kept in the registry, so later requests are refused before loading)"),
@@ -252,6 +253,7 @@ class Settings:
     http_port: int = 8008
     metrics_port: int = 2112
     metrics_host: str = "0.0.0.0"
+    per_model_metrics: bool = False
     grpc_reflection: bool = True
     data_dir: Path = Path("data")
     capacity: int = parse_bytes("1GiB")

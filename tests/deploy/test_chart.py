@@ -615,3 +615,9 @@ def test_every_value_is_documented_and_in_the_schema() -> None:
             assert commented or any(c for _, c in sections), (
                 f"values.yaml line {i + 1} ({m.group(2)}) has no comment")
         sections.append((indent, commented))
+
+
+def test_per_model_metrics_is_a_value(helm: Path, tmp_path: Path) -> None:
+    assert "--per-model-metrics" not in mesh_container(render())["args"]
+    on = mesh_container(render(values={"mesh": {"perModelMetrics": True}}, tmp_path=tmp_path))
+    assert "--per-model-metrics" in on["args"]

@@ -99,7 +99,7 @@ def _exported(text: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def scrape(module_mesh_factory, etcd_server, demo_models) -> str:
     """/metrics of a real instance after hits, a cold load and an unknown model."""
-    mesh = module_mesh_factory("--demo", etcd=etcd_server)
+    mesh = module_mesh_factory("--demo", "--per-model-metrics", etcd=etcd_server)
     sklearn = demo_models["sklearn"]
     done = subprocess.run(
         [sys.executable, "-m", "modelmesh", "register", "cold-iris", "--type", "sklearn",

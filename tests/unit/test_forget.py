@@ -89,3 +89,28 @@ async def test_memory_is_flat_over_ten_thousand_cycles():
         assert grown < 200_000, f"{grown} bytes kept over 10,000 cycles"
     finally:
         await parts.close()
+
+
+async def test_per_model_metrics_are_kept_while_registered_and_dropped_after():
+    from modelmesh.metrics import Metrics
+
+    parts = build("me")
+    try:
+        parts.dataplane.metrics = metrics = Metrics(per_model=True)
+        kept = ModelRecord("kept", "identity", "kept.json")
+        put(parts.registry, kept)
+        await parts.dataplane.infer(_request("kept"), "kept")
+        await _cycles(parts, 0, 200)
+
+        def count(model_id: str) -> float | None:
+            return metrics.registry.get_sample_value(
+                "modelmesh_model_request_milliseconds_count", {"modelid": model_id,
+                                                                "code": "OK"})
+
+        assert count("kept") == 1.0
+        series = {s.labels["modelid"] for fam in metrics.registry.collect()
+                  for s in fam.samples if "modelid" in s.labels}
+        assert series == {"kept"}  # 200 unregistered models left no series
+        assert Metrics().model_request_ms is None  # off by default
+    finally:
+        await parts.close()
