@@ -270,7 +270,8 @@ class MeshInstance:
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
-        ], interceptors=[Ingress(self._authorizer, self._tls is not None)] if secured else None)
+        ], interceptors=[Ingress(self._authorizer, self._tls is not None and self._tls.mutual)]
+            if secured else None)
         service, handlers = inference.generic_handler()
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
         if not secured:  # registered methods would bypass the ingress's interceptor

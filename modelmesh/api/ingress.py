@@ -42,7 +42,9 @@ def _authorization(context: grpc.aio.ServicerContext) -> str | None:
 
 
 class Ingress(grpc.aio.ServerInterceptor):
-    """Authorizes every call; ``tls``: the port uses TLS (peers can be recognised)."""
+    """Authorizes every call. ``tls``: the port uses mutual TLS, so a caller's verified
+    certificate can tell a peer from a client (with server-only TLS, or none, nobody
+    can be told apart and the internal headers are honoured from every caller)."""
 
     def __init__(self, authorizer: Authorizer, tls: bool) -> None:
         self.authorizer = authorizer
