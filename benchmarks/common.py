@@ -263,17 +263,19 @@ async def drive(endpoint: str, model: str | Callable[[], str],
                 inputs: Sequence[tuple[str, np.ndarray]],
                 concurrency: int, seconds: float, warmup: int = 50,
                 headers: dict[str, str] | None = None,
-                outputs: Sequence[str] = ()) -> dict[str, float]:
+                outputs: Sequence[str] = (),
+                client_options: dict[str, Any] | None = None) -> dict[str, float]:
     """Closed-loop load: ``concurrency`` callers, each sends its next request on an answer.
 
     Uses the unmodified tritonclient asyncio client over one channel, as a user would.
-    ``model`` is a model name, or a function choosing the model of each request.
+    ``model`` is a model name, or a function choosing the model of each request;
+    ``client_options`` go to the client (e.g. ``ssl``, ``root_certificates``).
     """
     import tritonclient.grpc.aio as tc
 
     pick = model if callable(model) else lambda: model
 
-    client = tc.InferenceServerClient(endpoint)
+    client = tc.InferenceServerClient(endpoint, **(client_options or {}))
     infer_inputs = []
     for name, arr in inputs:
         inp = tc.InferInput(name, list(arr.shape), _v2_type(arr))

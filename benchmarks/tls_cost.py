@@ -21,14 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     PYTHON,
     Processes,
-    latency_summary,
+    drive,
     machine,
     write_bench_models,
     write_result,
@@ -63,39 +61,6 @@ async def _ready(endpoint: str, kw: dict, headers: dict, timeout: float = 120) -
             await client.close()
         await asyncio.sleep(0.2)
     raise TimeoutError(f"mesh at {endpoint} not ready")
-
-
-async def _drive(endpoint: str, kw: dict, headers: dict, model: str, x: np.ndarray,
-                 concurrency: int, seconds: float) -> dict:
-    import tritonclient.grpc.aio as tc
-
-    client = tc.InferenceServerClient(endpoint, **kw)
-    inp = tc.InferInput("input-0", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x)
-    try:
-        for _ in range(50):
-            await client.infer(model, [inp], headers=headers)
-        latencies: list[float] = []
-        errors = 0
-        stop_at = time.perf_counter() + seconds
-
-        async def caller() -> None:
-            nonlocal errors
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                try:
-                    await client.infer(model, [inp], headers=headers)
-                except Exception:  # noqa: BLE001 - counted, never hidden
-                    errors += 1
-                    continue
-                latencies.append(time.perf_counter() - t0)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-    finally:
-        await client.close()
-    return {**latency_summary(latencies, elapsed), "errors": errors}
 
 
 def main() -> int:
@@ -137,8 +102,9 @@ def main() -> int:
             asyncio.run(_ready(endpoint, kw, headers))
             _register(endpoint, kw, headers, model, work / "models")
             for c in (1, 16):
-                rows[f"{name} c={c}"] = asyncio.run(
-                    _drive(endpoint, kw, headers, model.name, model.input, c, args.seconds))
+                rows[f"{name} c={c}"] = asyncio.run(drive(
+                    endpoint, model.name, [(model.input_name, model.input)], c, args.seconds,
+                    headers=headers, client_options=kw))
                 print(name, c, rows[f"{name} c={c}"], flush=True)
     lines = ["| configuration | c | req/s | vs plaintext | p50 ms | p99 ms | errors |",
              "|---|---|---|---|---|---|---|"]

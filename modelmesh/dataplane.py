@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
-from modelmesh import codec, wire
+from modelmesh import codec
 from modelmesh.batching import PredictionRunner
 from modelmesh.cache.local import CacheEntry, ModelCache
 from modelmesh.errors import InvalidArgument, MeshError, ModelNotFound, Unavailable
@@ -166,11 +166,11 @@ class DataPlane:
     ) -> bytes:
         """Serve a serialized ModelInferRequest here; returns the serialized response.
 
-        A model whose runtime takes requests as bytes (a remote runtime) gets them
-        untouched; otherwise the request is decoded here. Either way a request of
-        more fields than a parse should cost is refused first (``wire.check_request``).
+        ``raw`` has passed ``wire.check_request`` where it came in (the transport:
+        no more fields than a parse should cost). A model whose runtime takes
+        requests as bytes (a remote runtime) gets them untouched; otherwise the
+        request is decoded here.
         """
-        wire.check_request(raw)
         entry = self.cache.get(record.model_id)
         if entry is not None and entry.model is not None and entry.model.passes_bytes:
             return await self._infer_passthrough(raw, record, metadata)

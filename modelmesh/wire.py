@@ -77,46 +77,12 @@ def model_name(raw: bytes) -> str:
 
 def string_field(raw: bytes, number: int) -> str:
     """Top-level string field ``number`` of a serialized message, as ``model_name`` reads 1."""
-    wanted = number << 3 | _LEN
-    start = stop = 0
-    pos, end = 0, len(raw)
-    n = 0
-    try:
-        while pos < end:
-            n += 1
-            if n > MAX_FIELDS:
-                raise InvalidArgument(_TOO_MANY)
-            key = raw[pos]  # one-byte keys and lengths (fields 1..15, < 128 bytes) inline
-            if key < 0x80:
-                pos += 1
-            else:
-                key, pos = read_varint(raw, pos)
-            wire = key & 7
-            if wire == _LEN:
-                length = raw[pos]
-                if length < 0x80:
-                    pos += 1
-                else:
-                    length, pos = read_varint(raw, pos)
-                if key == wanted:
-                    start, stop = pos, pos + length
-                pos += length
-            elif wire == _VARINT and raw[pos] < 0x80:
-                pos += 1
-            else:
-                pos = _skip_scalar(raw, pos, wire)
-    except IndexError:
-        raise InvalidArgument("malformed request: truncated field") from None
-    if pos > end:
-        raise InvalidArgument("malformed request: field runs past the end")
-    try:
-        return raw[start:stop].decode()
-    except UnicodeDecodeError:
-        raise InvalidArgument(f"malformed request: field {number} is not UTF-8") from None
+    return _scan(raw, {}, number)
 
 
-def check_request(raw: bytes) -> None:
-    """Refuse (``InvalidArgument``) a serialized ModelInferRequest too costly to parse.
+def check_request(raw: bytes) -> str:
+    """Refuse (``InvalidArgument``) a serialized ModelInferRequest too costly to parse;
+    return its ``model_name`` (as ``model_name`` reads it), found in the same pass.
 
     Counts the fields of the top level, of every input (and its contents) and of
     every requested output, skipping each field by its length, and stops at
@@ -124,21 +90,34 @@ def check_request(raw: bytes) -> None:
     or a string each. Packed tensor data is one field; typed BYTES contents
     count one field per element. Malformed framing is refused too.
     """
-    if _count_fields(raw, 0, len(raw), _REQUEST, MAX_FIELDS) < 0:
+    return _scan(raw, _REQUEST, 1)
+
+
+def _scan(raw: bytes, nested: dict[int, dict], number: int) -> str:
+    """Count the fields (``_count_fields``; refused past ``MAX_FIELDS``) and return the
+    last occurrence of top-level string field ``number`` ("" when absent)."""
+    span = [0, 0]
+    if _count_fields(raw, 0, len(raw), nested, MAX_FIELDS, number << 3 | _LEN, span) < 0:
         raise InvalidArgument(_TOO_MANY)
+    try:
+        return raw[span[0]:span[1]].decode()
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"malformed request: field {number} is not UTF-8") from None
 
 
-def _count_fields(raw: bytes, pos: int, end: int, nested: dict[int, dict], budget: int) -> int:
+def _count_fields(raw: bytes, pos: int, end: int, nested: dict[int, dict], budget: int,
+                  want: int = 0, span: list[int] | None = None) -> int:
     """The budget left after the fields of ``raw[pos:end]`` (and of ``nested`` fields in it).
 
-    Negative as soon as it runs out (the scan stops there).
+    Negative as soon as it runs out (the scan stops there). ``span`` receives the
+    bounds of the last length-delimited field whose key is ``want`` (top level only).
     """
     try:
         while pos < end:
             budget -= 1
             if budget < 0:
                 return budget
-            key = raw[pos]
+            key = raw[pos]  # one-byte keys and lengths (fields 1..15, < 128 bytes) inline
             if key < 0x80:
                 pos += 1
             else:
@@ -152,6 +131,8 @@ def _count_fields(raw: bytes, pos: int, end: int, nested: dict[int, dict], budge
                     length, pos = read_varint(raw, pos)
                 if pos + length > end:
                     raise InvalidArgument("malformed request: field runs past the end")
+                if key == want and span is not None:
+                    span[0], span[1] = pos, pos + length
                 inner = nested.get(key >> 3)
                 if inner is not None and length:
                     budget = _count_fields(raw, pos, pos + length, inner, budget)

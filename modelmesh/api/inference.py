@@ -166,11 +166,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # The local cache, checked above, is the truth here.
         return bool(self.view.live_copies(model_id, (CopyState.LOADED,), include_self=False))
 
-    async def infer(self, raw: bytes, info: CallInfo) -> bytes:
-        """Serve a serialized ModelInferRequest here or where it should be served."""
-        model_id = self.data.resolve(wire.model_name(raw) if not info.model_id else "",
+    async def infer(self, raw: bytes, info: CallInfo,
+                    metadata: tuple[tuple[str, str | bytes], ...] | None = None) -> bytes:
+        """Serve a serialized ModelInferRequest here or where it should be served.
+
+        One scan of the bytes refuses a request too costly to parse and reads its
+        model name (``wire.check_request``), before it is routed or forwarded.
+        """
+        name = wire.check_request(raw)
+        model_id = self.data.resolve(name if not info.model_id else "",
                                      info.model_id, info.vmodel_id)
-        metadata = tuple(info.metadata)
+        if metadata is None:
+            metadata = tuple(info.metadata)
 
         def local(record: ModelRecord):
             return self.data.infer_bytes(raw, record, metadata)
@@ -305,13 +312,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _stream_one(self, raw: bytes, info: CallInfo,
                           metadata: tuple[tuple[str, str | bytes], ...]
                           ) -> pb.ModelStreamInferResponse:
-        model_id = self.data.resolve(wire.model_name(raw) if not info.model_id else "",
-                                     info.model_id, info.vmodel_id)
-
-        def local(record: ModelRecord):
-            return self.data.infer_bytes(raw, record, metadata)
-
-        out = await self.router.invoke(INFER, raw, model_id, info, local)
+        out = await self.infer(raw, info, metadata)
         return pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse.FromString(out))
 
     # -- repository -----------------------------------------------------------------

@@ -49,11 +49,11 @@ class Ingress(grpc.aio.ServerInterceptor):
     def __init__(self, authorizer: Authorizer, tls: bool) -> None:
         self.authorizer = authorizer
         self.tls = tls
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    def _admit(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    def _admit(self, role: str | None, operation: str,
+               context: grpc.aio.ServicerContext) -> None:
         """Decide the call (raises Unauthenticated / PermissionDenied) and mark its trust."""
-        service, _, operation = method.lstrip("/").rpartition("/")
-        role = role_of(service, operation)
         identity = call_identity(context) if self.tls else None
         if role is None:  # probes and discovery: open to anyone, steer nothing
             INTERNAL_HEADERS_TRUSTED.set(not self.tls or self.authorizer.is_peer(identity))
@@ -72,71 +72,57 @@ class Ingress(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        # A method's handler is the same object on every call: wrap it once.
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[method] = (handler, self._wrap(method, handler))
+        return cached[1]
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` behind the admission check: one wrapper for unary responses, one
+        for streamed ones, whatever the request side is."""
         admit = self._admit
+        service, _, operation = method.lstrip("/").rpartition("/")
+        role = role_of(service, operation)  # decided once per method, not per call
+        attr, make = next((a, m) for a, m in _KINDS if getattr(handler, a) is not None)
+        inner = getattr(handler, attr)
 
-        def refuse(context: grpc.aio.ServicerContext, exc: MeshError) -> None:
-            code, message = status_of(exc)
-            answer_error(context, code, message, ())
-
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    admit(method, context)
-                except MeshError as exc:
-                    refuse(context, exc)
-                    return None
-                return await inner_uu(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext
-                                   ) -> AsyncIterator[Any]:
-                try:
-                    admit(method, context)
-                except MeshError as exc:
-                    refuse(context, exc)
-                    return
-                async for item in _iterate(inner_us(request, context)):
-                    yield item
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.stream_stream is not None:
-            inner_ss = handler.stream_stream
-
-            async def stream_stream(requests: Any, context: grpc.aio.ServicerContext
-                                    ) -> AsyncIterator[Any]:
-                try:
-                    admit(method, context)
-                except MeshError as exc:
-                    refuse(context, exc)
-                    return
-                async for item in _iterate(inner_ss(requests, context)):
-                    yield item
-
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        inner_su = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        def refused(context: grpc.aio.ServicerContext) -> bool:
             try:
-                admit(method, context)
+                admit(role, operation, context)
             except MeshError as exc:
-                refuse(context, exc)
-                return None
-            return await inner_su(requests, context)
+                code, message = status_of(exc)
+                answer_error(context, code, message, ())
+                return True
+            return False
 
-        return grpc.stream_unary_rpc_method_handler(
-            stream_unary, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        if handler.response_streaming:
+            async def streamed(request: Any, context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[Any]:
+                if refused(context):
+                    return
+                async for item in _iterate(inner(request, context)):
+                    yield item
+
+            behaviour: Callable[..., Any] = streamed
+        else:
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if refused(context):
+                    return None
+                return await inner(request, context)
+
+            behaviour = unary
+        return make(behaviour, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
+#: (handler attribute, constructor) of the four kinds of gRPC method.
+_KINDS = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
 
 
 async def _iterate(result: Any) -> AsyncIterator[Any]:
