@@ -7,9 +7,14 @@
   since placement elsewhere reads used bytes from it.
 - Copy records follow the cache's events (loading, loaded, failed, unloaded),
   are bound to the lease and written by one publisher task, so a dead
-  instance's copies vanish with its lease.
+  instance's copies vanish with its lease. The publisher gathers what changed
+  for a few milliseconds and writes it in one transaction: under churn a load
+  and the evictions that made room for it are one etcd write, not three, and a
+  quick load's LOADING and LOADED states are one.
 - A model's measured size and its use at eviction are written back to the
-  model record (placement elsewhere values unloaded models by them).
+  model record (placement elsewhere values unloaded models by them), gathered
+  for up to ``USE_GATHER_S`` and written together; nothing on a request's or a
+  load's path waits for etcd.
 """
 
 from __future__ import annotations
@@ -26,15 +31,20 @@ from modelmesh.errors import MeshError, Unavailable
 from modelmesh.metrics import Metrics
 from modelmesh.node import Node, Spawn
 from modelmesh.registry.etcd import EtcdClient
-from modelmesh.registry.records import CopyRecord, CopyState, InstanceRecord
-from modelmesh.registry.store import Registry, now_ms
+from modelmesh.registry.records import CopyRecord, CopyState, InstanceRecord, Use
+from modelmesh.registry.store import MAX_TXN_OPS, Registry, now_ms
 
 log = logging.getLogger(__name__)
 
 #: Shortest gap between two instance records (coalesces bursts of cache events).
-INSTANCE_MIN_GAP_S = 0.02
+INSTANCE_MIN_GAP_S = 0.1
 #: The instance record is refreshed at least this often (load figures drift).
 INSTANCE_REFRESH_S = 5.0
+#: How long the copy publisher gathers changes before one write.
+COPY_GATHER_S = 0.005
+#: How long uses and sizes to write back are gathered (placement elsewhere reads
+#: them only for models that are not loaded: they need not be fresh).
+USE_GATHER_S = 1.0
 
 
 class Membership:
@@ -57,6 +67,8 @@ class Membership:
         self._copies: dict[str, CopyRecord | None] = {}  # desired copy records, by model
         self._dirty: set[str] = set()
         self._publish = asyncio.Event()
+        self._uses: dict[str, Use] = {}  # to write back into model records
+        self._uses_due = asyncio.Event()
         self._instance_dirty = asyncio.Event()
         self._started_ms = now_ms()
 
@@ -67,6 +79,7 @@ class Membership:
         await self.publish_instance()
         self.spawn(self._keepalive(), "lease-keepalive")
         self.spawn(self._publish_copies(), "copy-publisher")
+        self.spawn(self._write_uses(), "use-writer")
         self.spawn(self._refresh_instance(), "instance-refresh")
 
     async def leave(self, timeout: float = 3.0) -> None:
@@ -156,18 +169,17 @@ class Membership:
             known = self.registry.models.get(ev.model_id)
             if known is not None and abs(known.size_estimate - ev.size_bytes) > \
                     0.1 * ev.size_bytes:
-                self.spawn(self._record_use(ev.model_id, 0, 0.0, ev.size_bytes), "record-size")
+                self._record_use(ev.model_id, Use(size_bytes=ev.size_bytes))
         elif ev.kind is EventKind.FAILED:
             rec = CopyRecord(ev.model_id, me, CopyState.FAILED, ev.size_bytes, error=ev.error,
                              updated_ms=now_ms())
             if ev.size_bytes:  # measured, then found too big: every instance should know
-                self.spawn(self._record_use(ev.model_id, 0, 0.0, ev.size_bytes), "record-size")
+                self._record_use(ev.model_id, Use(size_bytes=ev.size_bytes))
         else:
             rec = None
             usage = self.cache.usage.get(ev.model_id)
             if ev.reason is UnloadReason.EVICTED and usage is not None and usage.last_used:
-                self.spawn(self._record_use(ev.model_id, usage.last_used, usage.rate),
-                           "record-use")
+                self._record_use(ev.model_id, Use(int(usage.last_used * 1000), usage.rate))
         self._copies[ev.model_id] = rec
         self._dirty.add(ev.model_id)
         self._publish.set()
@@ -182,26 +194,44 @@ class Membership:
         self._dirty.add(model_id)
         self._publish.set()
 
-    async def _record_use(self, model_id: str, last_used: float, rate: float,
-                          size: int = 0) -> None:
-        try:
-            await self.registry.record_use(model_id, int(last_used * 1000), rate, size)
-        except MeshError as exc:
-            log.debug("could not record use of %s: %s", model_id, exc)
+    def _record_use(self, model_id: str, use: Use) -> None:
+        """Write ``use`` back into the model's record soon (merged with one not yet written)."""
+        pending = self._uses.get(model_id)
+        self._uses[model_id] = use if pending is None else pending.merged(use)
+        self._uses_due.set()
+
+    async def _write_uses(self) -> None:
+        while True:
+            await self._uses_due.wait()
+            await asyncio.sleep(USE_GATHER_S)
+            self._uses_due.clear()
+            while self._uses:
+                batch = dict(list(self._uses.items())[:MAX_TXN_OPS])
+                for model_id in batch:
+                    del self._uses[model_id]
+                try:
+                    await self.registry.record_uses(batch)
+                except MeshError as exc:  # placement's figures only: not worth a retry
+                    log.debug("could not record the use of %d models: %s", len(batch), exc)
 
     async def _publish_copies(self) -> None:
+        me = self.node.instance_id
         while True:
             await self._publish.wait()
+            await asyncio.sleep(COPY_GATHER_S)  # a burst of events becomes one write
             self._publish.clear()
             while self._dirty:
-                model_id = self._dirty.pop()
-                rec = self._copies.get(model_id)
-                try:
+                batch = [self._dirty.pop() for _ in range(min(len(self._dirty), MAX_TXN_OPS))]
+                puts, deletes = [], []
+                for model_id in batch:
+                    rec = self._copies.get(model_id)
                     if rec is None:
                         self._copies.pop(model_id, None)
-                        await self.registry.delete_copy(model_id, self.node.instance_id)
+                        deletes.append(model_id)
                     else:
-                        await self.registry.put_copy(rec, self.node.lease)
+                        puts.append(rec)
+                try:
+                    await self.registry.write_copies(me, puts, deletes, self.node.lease)
                 except Unavailable:
-                    self._dirty.add(model_id)
+                    self._dirty.update(batch)
                     await asyncio.sleep(0.5)

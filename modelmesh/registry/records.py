@@ -94,6 +94,30 @@ class ModelRecord(_Record):
 
 
 @dataclass(frozen=True, slots=True)
+class Use:
+    """What an instance writes back into a model's record: its last use, or its size."""
+
+    last_used_ms: int = 0
+    request_rate: float = 0.0
+    size_bytes: int = 0  # measured at a load; 0: unchanged
+
+    def merged(self, newer: Use) -> Use:
+        """Both writes as one: the latest use, the latest measured size."""
+        use = newer if newer.last_used_ms >= self.last_used_ms else self
+        return Use(use.last_used_ms, use.request_rate, newer.size_bytes or self.size_bytes)
+
+    def applied_to(self, rec: ModelRecord) -> ModelRecord:
+        """``rec`` with this use (only if newer than its own) and this size written in."""
+        new = rec
+        if self.last_used_ms > rec.last_used_ms:
+            new = replace(new, last_used_ms=self.last_used_ms,
+                          request_rate=round(self.request_rate, 6))
+        if self.size_bytes and self.size_bytes != rec.size_estimate:
+            new = replace(new, size_estimate=self.size_bytes)
+        return new
+
+
+@dataclass(frozen=True, slots=True)
 class VModelRecord(_Record):
     """A virtual model: a stable name whose concrete model can change (``vmodels/<id>``)."""
 
@@ -154,6 +178,7 @@ __all__ = [
     "CopyState",
     "InstanceRecord",
     "ModelRecord",
+    "Use",
     "VModelRecord",
     "VModelState",
     "replace",

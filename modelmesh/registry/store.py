@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from modelmesh.errors import (
@@ -41,6 +42,7 @@ from modelmesh.registry.records import (
     CopyState,
     InstanceRecord,
     ModelRecord,
+    Use,
     VModelRecord,
     replace,
 )
@@ -51,6 +53,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: The most operations one batched write puts in a transaction (etcd refuses more
+#: than its ``--max-txn-ops``, 128 by default).
+MAX_TXN_OPS = 64
 
 
 def now_ms() -> int:
@@ -335,6 +341,28 @@ class Registry(Mirror):
     async def delete_copy(self, model_id: str, instance_id: str) -> None:
         await self.client.delete(self.key(COPIES, model_id, instance_id))
 
+    async def write_copies(self, instance_id: str, puts: Sequence[CopyRecord],
+                           deletes: Sequence[str], lease: int) -> None:
+        """Publish several of one instance's copy records, and delete others, in one write.
+
+        One transaction (at most ``MAX_TXN_OPS`` records): each put only while its
+        model is registered, as ``put_copy``. When one of those models has gone
+        (the transaction refuses them all), each is written on its own instead.
+        """
+        ops = [e.op_put(self.key(COPIES, r.model_id, instance_id), r.to_json(), lease)
+               for r in puts]
+        ops += [e.op_delete(self.key(COPIES, m, instance_id)) for m in deletes]
+        if not ops:
+            return
+        resp = await self.client.txn(
+            [e.cmp_version(self.key(MODELS, r.model_id), ">", 0) for r in puts], ops)
+        if resp.succeeded:
+            return
+        for r in puts:
+            await self.put_copy(r, lease)
+        for m in deletes:
+            await self.delete_copy(m, instance_id)
+
     async def release_copy(self, model_id: str, instance_id: str, other: str) -> bool:
         """Delete ``instance_id``'s copy record of the model only while ``other`` holds one.
 
@@ -356,20 +384,36 @@ class Registry(Mirror):
         Compare-and-set on the record's revision: a registration that changed
         meanwhile is never overwritten.
         """
-        key = self.key(MODELS, model_id)
-        kv = await self.client.get(key)
-        if kv is None:
+        await self.record_uses({model_id: Use(last_used_ms, request_rate, size_bytes)})
+
+    async def record_uses(self, uses: Mapping[str, Use]) -> None:
+        """``record_use`` for several models: one read and one write for all of them.
+
+        At most ``MAX_TXN_OPS`` models. Each write is a compare-and-set on its
+        record's revision; when one record changed between the read and the write
+        (the transaction refuses them all), the others are tried again once on
+        their own, and that one is left as it now is.
+        """
+        keys = {m: self.key(MODELS, m) for m in uses}
+        read = await self.client.txn([], [e.op_get(k) for k in keys.values()])
+        compares, ops, written = [], [], []
+        for (model_id, key), got in zip(keys.items(), read.responses, strict=True):
+            kvs = got.response_range.kvs
+            if not kvs:
+                continue  # unregistered meanwhile
+            rec = ModelRecord.from_json(kvs[0].value, model_id=model_id)
+            new = uses[model_id].applied_to(rec)
+            if new != rec:
+                compares.append(e.cmp_mod_revision(key, "==", kvs[0].mod_revision))
+                ops.append(e.op_put(key, new.to_json()))
+                written.append(model_id)
+        if not ops:
             return
-        rec = ModelRecord.from_json(kv.value, model_id=model_id)
-        new = rec
-        if last_used_ms > rec.last_used_ms:
-            new = replace(new, last_used_ms=last_used_ms, request_rate=round(request_rate, 6))
-        if size_bytes and size_bytes != rec.size_estimate:
-            new = replace(new, size_estimate=size_bytes)
-        if new == rec:
+        resp = await self.client.txn(compares, ops)
+        if resp.succeeded or len(written) == 1:
             return
-        await self.client.txn([e.cmp_mod_revision(key, "==", kv.mod_revision)],
-                              [e.op_put(key, new.to_json())])
+        for model_id in written:
+            await self.record_uses({model_id: uses[model_id]})
 
     async def try_lead(self, instance_id: str, lease: int) -> bool:
         """Become the leader if there is none; True while ``instance_id`` is the leader.

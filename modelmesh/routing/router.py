@@ -197,11 +197,14 @@ class Router:
         and the others forward to it. Without etcd the load goes ahead here.
         """
         model_id = record.model_id
-        try:
-            existing = await asyncio.wait_for(
-                self.registry.claim_copy(model_id, self.me, self.node.lease), 2.0)
-        except (MeshError, TimeoutError):
-            existing = None
+        claimed = not self._alone()
+        existing = None
+        if claimed:
+            try:
+                existing = await asyncio.wait_for(
+                    self.registry.claim_copy(model_id, self.me, self.node.lease), 2.0)
+            except (MeshError, TimeoutError):
+                existing = None
         if existing:
             excluded = self._excluded()
             holders = sorted(
@@ -216,9 +219,19 @@ class Router:
         try:
             return await self._local(local, record)
         except MeshError:
-            if existing is None and self.cache.get(model_id) is None:
+            if claimed and existing is None and self.cache.get(model_id) is None:
                 self.spawn(self._unclaim(model_id), f"unclaim:{model_id}")
             raise
+
+    def _alone(self) -> bool:
+        """Whether no other instance is in the mesh: then no claim can be contested.
+
+        The claim is an etcd write on the cold request's path; an instance on its
+        own skips it (its copy record is published by the load's events instead).
+        One that joins meanwhile at worst loads the same model once more.
+        """
+        me = self.me
+        return all(iid == me for iid in self.registry.instances)
 
     async def _unclaim(self, model_id: str) -> None:
         try:

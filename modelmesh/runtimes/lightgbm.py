@@ -26,6 +26,7 @@ LightGBM aborts or crashes the whole process on some damaged model files, so
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from modelmesh.runtimes._model_files import (
 )
 from modelmesh.runtimes.base import LoadedModel, Runtime
 from modelmesh.storage.paths import FileScope
-from modelmesh.tensor import Parameters, Tensor
+from modelmesh.tensor import ModelSignature, Parameters, Tensor
 
 SUFFIXES = (".txt", ".lgb", ".model")
 FACTOR = 1.0
@@ -224,8 +225,12 @@ class LightGBMModel(LoadedModel):
         self.objective = objective
         self.n_features = int(booster.num_feature())
         self.size_bytes = size
+
+    @cached_property
+    def signature(self) -> ModelSignature:  # type: ignore[override]
+        """From predicting one row of zeros, on first use (model metadata), not at load."""
         probe = self.predict([Tensor("probe", "FP64", np.zeros((1, self.n_features)))], {})
-        self.signature = tabular.signature(self.n_features, "FP64", tabular.specs_of(probe))
+        return tabular.signature(self.n_features, "FP64", tabular.specs_of(probe))
 
     def predict(self, inputs: list[Tensor], parameters: Parameters) -> list[Tensor]:
         x = tabular.feature_matrix(inputs, self.n_features, self.model_id)

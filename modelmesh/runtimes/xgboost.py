@@ -26,6 +26,7 @@ thread-safe.
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from modelmesh.runtimes._model_files import (
 )
 from modelmesh.runtimes.base import LoadedModel, Runtime
 from modelmesh.storage.paths import FileScope
-from modelmesh.tensor import Parameters, Tensor
+from modelmesh.tensor import ModelSignature, Parameters, Tensor
 
 SUFFIXES = (".json", ".ubj")
 JSON_FACTOR = 1.2
@@ -92,8 +93,12 @@ class XGBoostModel(LoadedModel):
         config = json.loads(booster.save_config())
         self.objective: str = config["learner"]["objective"]["name"]
         self.size_bytes = len(booster.save_raw(raw_format="ubj"))
+
+    @cached_property
+    def signature(self) -> ModelSignature:  # type: ignore[override]
+        """From predicting one row of zeros, on first use (model metadata), not at load."""
         probe = self.predict([Tensor("probe", "FP32", np.zeros((1, self.n_features)))], {})
-        self.signature = tabular.signature(self.n_features, "FP32", tabular.specs_of(probe))
+        return tabular.signature(self.n_features, "FP32", tabular.specs_of(probe))
 
     def predict(self, inputs: list[Tensor], parameters: Parameters) -> list[Tensor]:
         x = tabular.feature_matrix(inputs, self.n_features, self.model_id)

@@ -71,3 +71,52 @@ async def test_two_holders_letting_go_at_once_keep_one_copy(etcd_server):
         assert len(kvs) == 1
     finally:
         await _close(registry, watch)
+
+
+async def test_copy_records_written_together_and_one_by_one_when_a_model_went(etcd_server):
+    registry, watch = await _registry(etcd_server)
+    try:
+        for m in ("a", "b"):
+            await registry.register_model(ModelRecord(m, "identity", f"{m}.json"))
+        await registry.put_copy(CopyRecord("old", "i1", CopyState.LOADED), 0)  # no model
+        await registry.write_copies("i1", [CopyRecord("a", "i1", CopyState.LOADED, 10),
+                                           CopyRecord("b", "i1", CopyState.LOADING)], [], 0)
+        kvs, _ = await registry.client.get_prefix(registry.key(COPIES))
+        assert sorted(kv.key.rsplit(b"/", 2)[-2] for kv in kvs) == [b"a", b"b"]
+        # "gone" is not registered: the batch is refused and the others go one by one,
+        # the delete included.
+        await registry.write_copies("i1", [CopyRecord("a", "i1", CopyState.LOADED, 20),
+                                           CopyRecord("gone", "i1", CopyState.LOADED)],
+                                    ["b"], 0)
+        kvs, _ = await registry.client.get_prefix(registry.key(COPIES))
+        assert [kv.key.rsplit(b"/", 2)[-2] for kv in kvs] == [b"a"]
+        assert CopyRecord.from_json(kvs[0].value, model_id="a", instance_id="i1").size_bytes == 20
+    finally:
+        await _close(registry, watch)
+
+
+async def test_uses_written_back_together_never_over_a_newer_registration(etcd_server):
+    from modelmesh.registry.records import Use
+
+    registry, watch = await _registry(etcd_server)
+    try:
+        for m in ("a", "b", "c"):
+            await registry.register_model(ModelRecord(m, "identity", f"{m}.json"))
+        await registry.record_uses({"a": Use(1000, 2.5), "b": Use(size_bytes=777),
+                                    "missing": Use(5)})
+
+        async def stored(m: str) -> ModelRecord:
+            kv = await registry.client.get(registry.key("models", m))
+            assert kv is not None
+            return ModelRecord.from_json(kv.value, model_id=m)
+
+        a, b = await stored("a"), await stored("b")
+        assert (a.last_used_ms, a.request_rate, a.size_estimate) == (1000, 2.5, 0)
+        assert (b.last_used_ms, b.size_estimate) == (0, 777)
+        assert await registry.client.get(registry.key("models", "missing")) is None
+        # An older use changes nothing; merged writes keep the latest use and the size.
+        await registry.record_uses({"a": Use(500, 9.0)})
+        assert (await stored("a")).request_rate == 2.5
+        assert Use(1000, 1.0).merged(Use(900, 3.0, 64)) == Use(1000, 1.0, 64)
+    finally:
+        await _close(registry, watch)
