@@ -10,6 +10,13 @@
    the model goes and the request is forwarded there.
 3. Stampede: 100 concurrent first requests for one unloaded model, half sent to each
    of two instances; the loads counted from both instances' metrics must be one.
+4. Load cost, on an instance alone in its mesh (as a single server would be) and the
+   small random forests of the churn benchmark (2 trees, ~110 KB): the first
+   request of each of N models against the warm request to the same model (latency
+   over the warm path, medians), and the CPU a load costs: (CPU of the instance and
+   of etcd over the N first requests - over N warm ones) / N, against a bare Python
+   process that joblib.loads each file and predicts once (CPU per file, less its
+   predict). CPU from /proc/<pid>/task/*/schedstat (nanoseconds, every thread).
 
     .venv/bin/python benchmarks/coldstart.py [--quick]
 """
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shutil
 import statistics
 import sys
@@ -39,6 +47,36 @@ from common import (
 )
 
 LOADS = "modelmesh_loadmodel_milliseconds_count"
+
+BARE_LOADER = r'''
+import json, sys, time
+import joblib, numpy as np
+files = sys.argv[1:]
+x = np.zeros((1, 4), dtype=np.float32)
+joblib.load(files[0]).predict(x)  # imports scikit-learn: not a load's cost
+loads, predicts = [], []
+for f in files[1:]:
+    t0 = time.thread_time_ns()
+    m = joblib.load(f)
+    t1 = time.thread_time_ns()
+    m.predict(x)
+    t2 = time.thread_time_ns()
+    m.predict(x)
+    loads.append(t1 - t0)
+    predicts.append(time.thread_time_ns() - t2)
+print(json.dumps({"load_ns": loads, "predict_ns": predicts}))
+'''
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of a process so far, in nanoseconds."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that just ended
+    return total
 
 
 def write_copies(model: BenchModel, root: Path, n: int, prefix: str) -> list[str]:
@@ -156,11 +194,57 @@ def run(workdir: Path, quick: bool) -> dict[str, Any]:
         time.sleep(0.5)
         crowd["loads"] = scrape(a_metrics, LOADS) + scrape(b_metrics, LOADS) - before
         out["stampede"] = crowd
-    head = out["kinds"]["sklearn-forest"]
+        out["load_cost"] = load_cost(procs, workdir, 60 if quick else 200)
+    head, cost = out["kinds"]["sklearn-forest"], out["load_cost"]
     out["ratios"] = {"cold_start_overhead_ms_p50": round(head["overhead_ms_p50"], 2),
-                     "stampede_loads": out["stampede"]["loads"]}
+                     "stampede_loads": out["stampede"]["loads"],
+                     "cold_over_warm_ms_p50": round(cost["cold_over_warm_ms_p50"], 2),
+                     "load_cpu_vs_bare": round(cost["load_cpu_vs_bare"], 3)}
     out["summary"] = markdown(out)
     return out
+
+
+def load_cost(procs: Processes, workdir: Path, n: int) -> dict[str, Any]:
+    """Section 4: cold over warm latency and CPU per load, alone in a mesh, vs a bare process."""
+    import subprocess
+
+    from common import PYTHON
+    from density import write_models
+
+    root = workdir / "solo-models"
+    paths = write_models(root, n + 2, prefix="s", trees=2)
+    etcd = procs.etcd(workdir / "etcd-solo")
+    proc, endpoint, _ = start_mesh(procs, workdir, etcd, "solo", root, mesh_name="solo")
+    ids = [f"solo-{i:04d}" for i in range(len(paths))]
+    register_bulk(endpoint, [(i, "sklearn", p.name) for i, p in zip(ids, paths, strict=True)])
+    forest = BenchModel("solo", "sklearn", paths[0], "input-0", np.zeros((1, 4), np.float32))
+    asyncio.run(first_requests(endpoint, forest, ids[-2:]))  # imports, channels, threads
+    pids = (proc.pid, etcd.process.pid)  # type: ignore[union-attr]
+    before = [cpu_ns(p) for p in pids]
+    cold = asyncio.run(first_requests(endpoint, forest, ids[:n]))
+    middle = [cpu_ns(p) for p in pids]
+    warm = asyncio.run(first_requests(endpoint, forest, ids[:n]))
+    after = [cpu_ns(p) for p in pids]
+    procs.stop(proc)
+    bare = json.loads(subprocess.run([PYTHON, "-c", BARE_LOADER, *map(str, paths[:n + 1])],
+                                     capture_output=True, text=True, check=True,
+                                     timeout=300).stdout.strip().splitlines()[-1])
+    mesh_cold, etcd_cold = (middle[i] - before[i] for i in range(2))
+    mesh_warm, etcd_warm = (after[i] - middle[i] for i in range(2))
+    per_load_ms = ((mesh_cold - mesh_warm) + (etcd_cold - etcd_warm)) / n / 1e6
+    bare_ms = statistics.median(bare["load_ns"]) / 1e6
+    return {
+        "models": n, "cold_ms_p50": statistics.median(cold),
+        "warm_ms_p50": statistics.median(warm),
+        "cold_over_warm_ms_p50": statistics.median(cold) - statistics.median(warm),
+        "cpu_per_load_ms": per_load_ms,
+        "cpu_per_load_mesh_ms": (mesh_cold - mesh_warm) / n / 1e6,
+        "cpu_per_load_etcd_ms": (etcd_cold - etcd_warm) / n / 1e6,
+        "cpu_per_warm_request_ms": mesh_warm / n / 1e6,
+        "bare_load_cpu_ms_p50": bare_ms,
+        "bare_predict_cpu_ms_p50": statistics.median(bare["predict_ns"]) / 1e6,
+        "load_cpu_vs_bare": per_load_ms / bare_ms,
+    }
 
 
 def markdown(out: dict[str, Any]) -> str:
@@ -178,6 +262,19 @@ def markdown(out: dict[str, Any]) -> str:
     lines += ["", f"100 concurrent first requests for one unloaded model, split over two "
               f"instances: {s['succeeded']} succeeded, loads counted by the instances: "
               f"{s['loads']:.0f}, p50 {s['p50_ms']:.0f} ms, slowest {s['max_ms']:.0f} ms."]
+    c = out["load_cost"]
+    lines += ["", f"Load cost, one instance alone in its mesh, {c['models']} random forests of "
+              "2 trees (~110 KB), first requests one after the other, then the same models "
+              "warm:", "", "| measure | figure |", "|---|---|",
+              f"| first request p50 / warm request p50 | {c['cold_ms_p50']:.2f} / "
+              f"{c['warm_ms_p50']:.2f} ms |",
+              f"| cold over warm (p50) | {c['cold_over_warm_ms_p50']:+.2f} ms |",
+              f"| CPU per load: instance + etcd | {c['cpu_per_load_mesh_ms']:.2f} + "
+              f"{c['cpu_per_load_etcd_ms']:.2f} ms |",
+              f"| CPU per load in a bare process (joblib.load, p50) | "
+              f"{c['bare_load_cpu_ms_p50']:.2f} ms |",
+              f"| CPU per load / bare | {c['load_cpu_vs_bare']:.2f}x |",
+              f"| CPU per warm request (instance) | {c['cpu_per_warm_request_ms']:.2f} ms |"]
     return "\n".join(lines)
 
 

@@ -49,7 +49,7 @@ from modelmesh.cache.entries import (
     UnloadReason,
     Usage,
 )
-from modelmesh.cache.eviction import snapshot, victims
+from modelmesh.cache.eviction import memory_of, snapshot, victims
 from modelmesh.errors import CapacityExceeded, ModelLoadFailed, Unavailable
 from modelmesh.registry.records import CopyState, ModelRecord
 from modelmesh.runtimes.base import LoadedModel
@@ -98,9 +98,8 @@ class ModelCache:
         )
         self.loads = 0
         self.evictions = 0
-        self._generation = 0  # bumped whenever an entry is added, removed or changes state
-        self._counted_at = -1
-        self._count_cache = (0, 0)
+        #: Entries by state, kept as they change (every cache event reports them).
+        self._by_state = dict.fromkeys(CopyState, 0)
         self._memory: Memory | None = None
         self._memory_at = 0.0
 
@@ -119,21 +118,8 @@ class ModelCache:
         return self._counts()[1]
 
     def _counts(self) -> tuple[int, int]:
-        """(loaded, loading), recounted only after an entry changed state.
-
-        Every cache event asks for them (metrics, the instance record); with
-        thousands of models a count per event was a visible share of the loop.
-        """
-        if self._counted_at != self._generation:
-            loaded = loading = 0
-            for e in self._entries.values():
-                if e.state is CopyState.LOADED:
-                    loaded += 1
-                elif e.state is CopyState.LOADING:
-                    loading += 1
-            self._count_cache = (loaded, loading)
-            self._counted_at = self._generation
-        return self._count_cache
+        """(loaded, loading): kept as entries change, since every cache event asks."""
+        return self._by_state[CopyState.LOADED], self._by_state[CopyState.LOADING]
 
     def memory(self, max_age: float = 0.1) -> Memory:
         """The snapshot's memory summary, at most ``max_age`` seconds old.
@@ -144,7 +130,7 @@ class ModelCache:
         """
         now = time.monotonic()
         if self._memory is None or now - self._memory_at > max_age:
-            self._memory = self.snapshot().memory()
+            self._memory = memory_of(self._entries.values(), self.capacity_bytes)
             self._memory_at = now
         return self._memory
 
@@ -246,7 +232,7 @@ class ModelCache:
         """A new LOADING entry for ``record``, replacing ``previous`` (an expired failure)."""
         if previous is not None:
             del self._entries[record.model_id]
-            self._generation += 1
+            self._by_state[previous.state] -= 1
         if self.refuse_loads:
             raise Unavailable(f"not loading '{record.model_id}' here: {self.refuse_loads}")
         loop = asyncio.get_running_loop()
@@ -254,7 +240,7 @@ class ModelCache:
         if previous is not None:
             entry.measured = previous.measured  # what the last attempt found it weighs
         self._entries[record.model_id] = entry
-        self._generation += 1
+        self._by_state[CopyState.LOADING] += 1
         task = loop.create_task(self._load(entry, record), name=f"load:{record.model_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -287,8 +273,9 @@ class ModelCache:
                 self._fit_measured(entry, predicted)
                 entry.model = model
                 entry.load_ms = (time.perf_counter() - started) * 1000
+                self._by_state[entry.state] -= 1
                 entry.state = CopyState.LOADED
-                self._generation += 1
+                self._by_state[CopyState.LOADED] += 1
                 entry.loaded_at = time.time()
                 self._touch(entry)  # the load is for a use: it starts valued as one
                 entry.hits = 0
@@ -346,12 +333,16 @@ class ModelCache:
     def _mark_failed(self, entry: CacheEntry, exc: Exception) -> None:
         """Record ``exc`` as the entry's failure and give back its bytes."""
         self._resize(entry, 0)
+        counted = self._entries.get(entry.model_id) is entry
+        if counted:
+            self._by_state[entry.state] -= 1
         entry.fail(exc, self.failure_ttl)
-        self._generation += 1
+        if counted:
+            self._by_state[entry.state] += 1
 
     def _remove_failed(self, entry: CacheEntry) -> None:
         del self._entries[entry.model_id]
-        self._generation += 1
+        self._by_state[entry.state] -= 1
         if entry.forgotten:
             self.usage.pop(entry.model_id, None)
 
@@ -420,7 +411,7 @@ class ModelCache:
         """Remove a loaded model now and release its resources in a thread (awaited on close)."""
         if self._entries.get(entry.model_id) is entry:
             del self._entries[entry.model_id]
-            self._generation += 1
+            self._by_state[entry.state] -= 1
         self._resize(entry, 0)
         model, entry.model = entry.model, None
         if model is not None:
@@ -485,7 +476,7 @@ class ModelCache:
             if entry.state is CopyState.LOADED:
                 self._drop(entry, UnloadReason.SHUTDOWN)
         self._entries.clear()
-        self._generation += 1
+        self._by_state = dict.fromkeys(CopyState, 0)
         if self._unloads:
             await asyncio.gather(*self._unloads, return_exceptions=True)
         if self._own_executor:

@@ -125,6 +125,8 @@ class Router:
             if not here and info.hops < self.max_hops:
                 return await self._load_here(method, raw, record, info, local)
             return await self._local(local, record)
+        if not self.node.draining and self._alone():  # nowhere else to put it: no choice
+            return await self._load_here(method, raw, record, info, local)
         tried: set[str] = set()
         last: PeerError | None = None
         for _ in range(MAX_ATTEMPTS):

@@ -200,3 +200,38 @@ async def test_counts_follow_every_state_change() -> None:
     assert cache.memory(max_age=0).used_bytes == 200
     await cache.close()
     assert (cache.loaded_count, cache.loading_count) == (0, 0)
+
+
+async def test_loaded_and_loading_counts_follow_every_change() -> None:
+    """The counts kept as entries change agree with a recount after each kind of change."""
+    sizes = {f"m{i}": 100 for i in range(12)} | {"big": 5000}
+    loader = StandInLoader(sizes, delay=0.01, fail={"m3"})
+    cache = ModelCache(450, loader, failure_ttl=0.0)
+
+    def recount() -> tuple[int, int]:
+        states = [e.state for e in cache.entries()]
+        return states.count(CopyState.LOADED), states.count(CopyState.LOADING)
+
+    def check() -> None:
+        assert (cache.loaded_count, cache.loading_count) == recount()
+
+    pending = [asyncio.ensure_future(use(cache, f"m{i}")) for i in range(6)]
+    await asyncio.sleep(0)
+    check()  # some loading
+    await asyncio.gather(*pending, return_exceptions=True)  # m3 failed, evictions made room
+    check()
+    assert cache.loaded_count == 4
+    for model_id in ("m3", "big"):  # an expired failure retried; one too big for the cache
+        with pytest.raises((ModelLoadFailed, CapacityExceeded)):
+            await use(cache, model_id)
+        check()
+    cache.unload("m5")
+    cache.forget("m4")
+    check()
+    entry = await cache.acquire(rec("m7"))
+    cache.unload("m7")  # in use: leaves when released
+    check()
+    cache.release(entry)
+    check()
+    await cache.close()
+    assert (cache.loaded_count, cache.loading_count) == (0, 0) == recount()

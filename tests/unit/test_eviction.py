@@ -87,3 +87,26 @@ async def test_models_in_use_are_never_evicted() -> None:
         assert cache.get("held") is None
     finally:
         await cache.close()
+
+
+async def test_memory_summary_matches_the_snapshots() -> None:
+    """The one-pass summary equals placement's own summary of the full snapshot."""
+    sizes = {f"m{i}": 100 + i for i in range(6)}
+    cache = ModelCache(10_000, _Loader(sizes), policy=get_policy("density"))
+    try:
+        for i in range(6):
+            await _use(cache, f"m{i}", i + 1)
+        held = await cache.acquire(_rec("m2"))  # pinned while in use
+        fresh, expected = cache.memory(max_age=0), cache.snapshot().memory()
+        assert fresh.pinned_bytes == 102 and fresh.used_bytes == sum(sizes.values())
+        assert (fresh.capacity_bytes, fresh.used_bytes, fresh.pinned_bytes,
+                fresh.min_priority) == (expected.capacity_bytes, expected.used_bytes,
+                                        expected.pinned_bytes, expected.min_priority)
+        assert fresh.lru_time == pytest.approx(expected.lru_time, abs=0.01)
+        cache.release(held)
+        for i in range(6):
+            await cache.acquire(_rec(f"m{i}"))
+        pinned = cache.memory(max_age=0)  # nothing evictable
+        assert (pinned.pinned_bytes, pinned.lru_time, pinned.min_priority) == (615, None, None)
+    finally:
+        await cache.close()
