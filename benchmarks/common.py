@@ -142,7 +142,7 @@ def start_mesh(procs: Processes, workdir: Path, etcd: EmbeddedEtcd, name: str,
          "--metrics-port", str(metrics_port if metrics_port else -1),
          "--etcd", etcd.endpoint, "--mesh-name", mesh_name, "--instance-id", name,
          "--data-dir", str(workdir / f"data-{name}"), "--models-root", str(models_root),
-         "--capacity", capacity, "--log-level", "WARNING", *extra],
+         "--capacity", capacity, "--log-level", os.environ.get("MM_BENCH_LOG", "WARNING"), *extra],
         log=log, env={**os.environ, **(env or {})})
     endpoint = f"127.0.0.1:{port}"
     wait_v2_ready(endpoint, proc, log=log)

@@ -335,7 +335,9 @@ class ModelLifecycle:
             # leader's periodic chores are the backstop (see modelmesh/scaling.py).
             model_id, holder = change.new.model_id, change.new.instance_id
             if holder == self.node.instance_id and \
-                    change.new.state in (CopyState.LOADED, CopyState.FAILED):
+                    change.new.state in (CopyState.LOADED, CopyState.FAILED) and \
+                    any(vm.target_model == model_id and vm.state is VModelState.TRANSITIONING
+                        for vm in self.registry.vmodels.values()):
                 self.spawn(self.advance_transitions(model_id), f"transition:{model_id}")
 
     def forget(self, model_id: str) -> None:

@@ -8,7 +8,7 @@
 - Copy records follow the cache's events (loading, loaded, failed, unloaded),
   are bound to the lease and written by one publisher task, so a dead
   instance's copies vanish with its lease. The publisher gathers what changed
-  for a few milliseconds and writes it in one transaction: under churn a load
+  for up to 20 ms and writes it in one transaction: under churn a load
   and the evictions that made room for it are one etcd write, not three, and a
   quick load's LOADING and LOADED states are one.
 - A model's measured size and its use at eviction are written back to the
@@ -41,7 +41,7 @@ INSTANCE_MIN_GAP_S = 0.1
 #: The instance record is refreshed at least this often (load figures drift).
 INSTANCE_REFRESH_S = 5.0
 #: How long the copy publisher gathers changes before one write.
-COPY_GATHER_S = 0.005
+COPY_GATHER_S = 0.02
 #: How long uses and sizes to write back are gathered (placement elsewhere reads
 #: them only for models that are not loaded: they need not be fresh).
 USE_GATHER_S = 1.0

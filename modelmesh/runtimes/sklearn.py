@@ -28,6 +28,7 @@ allow from several threads at once.
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 from collections.abc import Sequence
@@ -94,10 +95,12 @@ class SklearnRuntime(Runtime):
                     f"{file.name} is not a joblib or pickle file; it looks like "
                     f"{looks_like(head)}. Is it registered with the wrong model type?"
                 )
-            f.seek(0)
+            data = head + f.read()
             try:
-                estimator = joblib.load(f)  # the file checked and opened, not a path again
-            except EOFError as exc:
+                estimator = _unpickle(joblib, data, compressed)
+            except (EOFError, pickle.UnpicklingError) as exc:
+                if isinstance(exc, pickle.UnpicklingError) and "truncated" not in str(exc):
+                    raise
                 raise BadModelFile(
                     f"{file.name} ends before its pickle does (is the file truncated?)"
                 ) from exc
@@ -112,9 +115,24 @@ class SklearnRuntime(Runtime):
                     f"{file.name} holds a {type(estimator).__name__}, "
                     "not an estimator with a predict() method"
                 )
-            file_bytes = f.seek(0, 2)
-            size = memory_bytes(pickled_size(estimator) if compressed else file_bytes)
+            size = memory_bytes(pickled_size(estimator) if compressed else len(data))
             return SklearnModel(model_id, estimator, size)
+
+
+#: In a pickle written by ``joblib.dump``: its arrays follow their wrapper objects as
+#: raw bytes, which only joblib's own unpickler reads.
+_JOBLIB_MARK = b"joblib.numpy_pickle"
+
+
+def _unpickle(joblib: Any, data: bytes, compressed: bool) -> Any:
+    """The estimator in ``data``: a plain pickle through the C unpickler, else joblib's.
+
+    joblib's unpickler is the pure-Python one (it must be, to read its wrapped
+    arrays); on a plain pickle the C one is about 3x quicker, with the same result.
+    """
+    if compressed or _JOBLIB_MARK in data:
+        return joblib.load(io.BytesIO(data))
+    return pickle.loads(data)
 
 
 class SklearnModel(LoadedModel):

@@ -576,6 +576,31 @@ def test_corrupt_file(tmp_path, demo_dir, demo_by_type, model_type, fragment):
     assert "Stack trace" not in info.value.reason and "\n" not in info.value.reason
 
 
+@pytest.mark.parametrize("writer", ["pickle", "joblib", "joblib-compressed"])
+def test_sklearn_files_of_every_writer_load_alike_and_truncated_ones_say_so(
+        tmp_path, demo_dir, demo_by_type, writer):
+    """Plain pickles take the C unpickler, joblib's files joblib's: same estimator."""
+    import joblib
+
+    estimator = joblib.load(demo_dir / demo_by_type["sklearn"].path)
+    path = tmp_path / "model.joblib"
+    if writer == "pickle":
+        path.write_bytes(pickle.dumps(estimator, protocol=5))
+    else:
+        joblib.dump(estimator, path, compress=3 if writer == "joblib-compressed" else 0)
+    model = get_runtime("sklearn").load(path, "m")
+    x = batch()
+    np.testing.assert_array_equal(run(model, x)["predict_proba"].data,
+                                  estimator.predict_proba(x))
+    raw = path.read_bytes()
+    # (zlib still inflates a stream cut short of its checksum: cut compressed ones deeper)
+    for cut in (len(raw) // 2, len(raw) - (1 if writer != "joblib-compressed" else 64)):
+        path.write_bytes(raw[:cut])
+        with pytest.raises(ModelLoadFailed) as info:
+            get_runtime("sklearn").load(path, "m")
+        assert "\n" not in info.value.reason and info.value.reason.startswith("model.joblib ")
+
+
 def test_damaged_lightgbm_trees_are_refused_before_lightgbm_parses_them(
     tmp_path, demo_dir, demo_by_type
 ):
