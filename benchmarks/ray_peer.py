@@ -83,8 +83,7 @@ class RayPeer:
 
     def cpu_seconds(self) -> float:
         """User + system CPU of every process of Ray's session, so far."""
-        tick = os.sysconf("SC_CLK_TCK")
-        return sum(_stat(pid)[11] + _stat(pid)[12] for pid in self.pids()) / tick
+        return cpu_seconds(self.pids())
 
     def stats(self) -> dict[str, float]:
         """The replica's own counters (``GET /stats``)."""
@@ -100,6 +99,12 @@ def _stat(pid: int) -> list[int]:
         return [0] * 20
     fields = text.rsplit(")", 1)[1].split()
     return [0, *map(int, fields[1:])]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU used so far by the processes ``pids`` (those still alive)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    return sum(f[11] + f[12] for f in map(_stat, pids)) / tick
 
 
 def _rss(pid: int) -> int:

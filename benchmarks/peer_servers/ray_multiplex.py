@@ -7,7 +7,8 @@ environment: Ray needs protobuf 7. ``benchmarks/ray_peer.py`` starts and stops i
         --ready-file FILE
 
 One deployment with one replica. Its ``@serve.multiplexed`` loader turns a model id
-into the file ``<models-root>/<id>.pkl`` (a joblib/pickle scikit-learn model) and Ray
+into the file ``<models-root>/<id>.pkl`` (a scikit-learn model, read with
+``joblib.load`` as the mesh's scikit-learn runtime reads it) and Ray
 keeps at most ``--max-models`` of them, evicting the least recently used: Ray's own
 load-on-first-request cache, the thing compared with the mesh's.
 
@@ -38,13 +39,13 @@ import argparse
 import asyncio
 import json
 import os
-import pickle
 import signal
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import joblib
 import numpy as np
 import ray
 from ray import serve
@@ -87,8 +88,7 @@ def build_app(models_root: str, max_models: int) -> Any:
             path = (self.root / f"{model_id}.pkl").resolve()
             if path.parent != self.root:
                 raise ValueError(f"model id {model_id!r} names no file under the models root")
-            with open(path, "rb") as f:
-                estimator = pickle.load(f)  # noqa: S301 - our own benchmark files
+            estimator = joblib.load(path)
             return estimator, time.thread_time() - t0
 
         @serve.multiplexed(max_num_models_per_replica=max_models)
