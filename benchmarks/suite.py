@@ -119,6 +119,10 @@ def run_all(names: list[str], quick: bool, peers: bool) -> dict[str, Any]:
         from peers import ensure_peer_venvs
 
         report["peer_versions"] = ensure_peer_venvs()
+    if peers and "ray_compare" in names:
+        from ray_peer import ensure_ray_venv
+
+        report.setdefault("peer_versions", {})["ray"] = ensure_ray_venv()
     for name in names:
         module = importlib.import_module(name)
         print(f"== {name} ({'quick' if quick else 'full'})", flush=True)
