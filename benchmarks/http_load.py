@@ -8,6 +8,12 @@ prints one JSON object: ``requests_per_s``, ``p50_ms``, ``p99_ms``, ``requests``
 ``errors`` (non-200 answers, counted, never hidden) and ``client_cpu`` (the CPU seconds
 this process used per second of the run: 1.0 is one core).
 
+Many models (``benchmarks/ray_compare.py``'s churn): with ``models`` (a list of ids) and
+``order_file`` (a JSON list of indices into it), ``{model}`` in ``path`` and in header
+values is replaced by each request's model, the models taken in that order by all
+connections together from ``order_start`` on; the answer adds ``order_next``, where the
+next run carries on.
+
     python http_load.py '{"port": 8008, "path": "/v2/models/m/infer", "body_b64": "...",
                           "headers": {...}, "concurrency": 16, "seconds": 3}'
 """
@@ -19,14 +25,15 @@ import base64
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from common import latency_summary
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, request: bytes, run: _Run) -> None:
-        self.request, self.run = request, run
+    def __init__(self, run: _Run) -> None:
+        self.run = run
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.sent_at = 0.0
@@ -41,7 +48,7 @@ class _Connection(asyncio.Protocol):
     def send(self) -> None:
         assert self.transport is not None
         self.sent_at = time.perf_counter()
-        self.transport.write(self.request)
+        self.transport.write(self.run.next_request())
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -70,14 +77,23 @@ class _Connection(asyncio.Protocol):
 
 
 class _Run:
-    def __init__(self, stop_at: float, record_after: float) -> None:
+    def __init__(self, stop_at: float, record_after: float, requests: list[bytes],
+                 order: list[int], cursor: int) -> None:
         self.stop_at, self.record_after = stop_at, record_after
+        self.requests, self.order, self.cursor = requests, order, cursor
         self.latencies: list[float] = []
         self.errors = 0
         self.closed_early = 0  # connections the server closed before the end
         self.first_error = 0  # the first non-200 status seen
         self.open = 0
         self.finished = asyncio.get_running_loop().create_future()
+
+    def next_request(self) -> bytes:
+        if not self.order:
+            return self.requests[0]
+        index = self.order[self.cursor % len(self.order)]
+        self.cursor += 1
+        return self.requests[index]
 
     def done(self, conn: _Connection, latency: float, ok: bool) -> None:
         now = time.perf_counter()
@@ -102,17 +118,25 @@ class _Run:
 
 async def load(spec: dict[str, Any]) -> dict[str, float]:
     body = base64.b64decode(spec.get("body_b64", ""))
-    headers = "".join(f"{k}: {v}\r\n" for k, v in spec.get("headers", {}).items())
-    request = (f"{spec.get('method', 'POST')} {spec['path']} HTTP/1.1\r\nHost: bench\r\n"
-               f"Content-Length: {len(body)}\r\n{headers}\r\n").encode() + body
+
+    def request(model: str) -> bytes:
+        headers = "".join(f"{k}: {v.replace('{model}', model)}\r\n"
+                          for k, v in spec.get("headers", {}).items())
+        path = spec["path"].replace("{model}", model)
+        return (f"{spec.get('method', 'POST')} {path} HTTP/1.1\r\nHost: bench\r\n"
+                f"Content-Length: {len(body)}\r\n{headers}\r\n").encode() + body
+
+    models = spec.get("models") or [""]
+    order = json.loads(Path(spec["order_file"]).read_text()) if spec.get("order_file") else []
     warmup = float(spec.get("warmup_s", 0.5))
     seconds = float(spec["seconds"])
     loop = asyncio.get_running_loop()
     start = time.perf_counter()
-    run = _Run(start + warmup + seconds, start + warmup)
+    run = _Run(start + warmup + seconds, start + warmup, [request(m) for m in models], order,
+               int(spec.get("order_start", 0)))
     for _ in range(int(spec["concurrency"])):
         run.open += 1
-        await loop.create_connection(lambda: _Connection(request, run), "127.0.0.1",
+        await loop.create_connection(lambda: _Connection(run), "127.0.0.1",
                                      int(spec["port"]))
     cpu0 = time.process_time()
     await asyncio.sleep(warmup)
@@ -122,7 +146,7 @@ async def load(spec: dict[str, Any]) -> dict[str, float]:
     cpu = time.process_time() - cpu0
     return {**latency_summary(run.latencies, elapsed), "errors": run.errors,
             "closed_early": run.closed_early, "first_error_status": run.first_error,
-            "client_cpu": round(cpu / (elapsed + warmup), 3)}
+            "client_cpu": round(cpu / (elapsed + warmup), 3), "order_next": run.cursor}
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ from common import REPO, RESULTS, machine
 
 # In the order they run: the quiet ones first, the data plane (the most sensitive
 # to leftover load) last but with nothing else running.
-BENCHMARKS = ("simulator_speed", "registry", "density", "churn", "coldstart", "dataplane")
+BENCHMARKS = ("simulator_speed", "registry", "density", "churn", "ray_compare", "coldstart",
+              "dataplane")
+# The benchmarks that run peers (MLServer, KServe, Ray) unless --no-peers.
+WITH_PEERS = ("dataplane", "ray_compare")
 
 
 @dataclass(frozen=True)
@@ -116,13 +119,17 @@ def run_all(names: list[str], quick: bool, peers: bool) -> dict[str, Any]:
         from peers import ensure_peer_venvs
 
         report["peer_versions"] = ensure_peer_venvs()
+    if peers and "ray_compare" in names:
+        from ray_peer import ensure_ray_venv
+
+        report.setdefault("peer_versions", {})["ray"] = ensure_ray_venv()
     for name in names:
         module = importlib.import_module(name)
         print(f"== {name} ({'quick' if quick else 'full'})", flush=True)
         t0 = time.perf_counter()
         try:
             with tempfile.TemporaryDirectory(prefix=f"mm-bench-{name}-") as tmp:
-                if name == "dataplane":
+                if name in WITH_PEERS:
                     result = module.run(Path(tmp), quick, peers=peers)
                 else:
                     result = module.run(Path(tmp), quick)
@@ -216,7 +223,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run in under 3 minutes")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
-    ap.add_argument("--no-peers", action="store_true", help="leave out MLServer and KServe")
+    ap.add_argument("--no-peers", action="store_true",
+                    help="leave out MLServer, KServe and Ray Serve")
     ap.add_argument("--render", metavar="RESULTS_JSON",
                     help="only rewrite the Markdown (and summaries) of an earlier run's JSON")
     args = ap.parse_args()
