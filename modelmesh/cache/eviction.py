@@ -6,6 +6,7 @@ itself does the evicting.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable, Iterable
 
@@ -32,6 +33,8 @@ def victims(entries: Iterable[CacheEntry], needed: int, keep: CacheEntry | None,
                 chosen.append(entry.model_id)
                 freed += entry.size
         return chosen, clock
+    if _plain_eviction(policy):
+        return _lowest_priority_first(entries, needed, keep, clock)
     snapshot_ = snap()
     picked = policy.evict(snapshot_, snapshot_.free_bytes + needed)
     if picked is None:
@@ -39,6 +42,34 @@ def victims(entries: Iterable[CacheEntry], needed: int, keep: CacheEntry | None,
             (e for e in snapshot_.entries if not e.in_use),
             key=lambda e: (e.priority, e.model_id))]
     return picked, policy.clock_after_evict(snapshot_, picked)
+
+
+def _plain_eviction(policy: Policy) -> bool:
+    """Whether ``policy`` evicts as ``Policy`` does: lowest retention priority first."""
+    cls = type(policy)
+    return cls.evict is Policy.evict and cls.clock_after_evict is Policy.clock_after_evict
+
+
+def _lowest_priority_first(entries: Iterable[CacheEntry], needed: int,
+                           keep: CacheEntry | None, clock: float) -> tuple[list[str], float]:
+    """``Policy.evict`` and ``clock_after_evict`` worked out on the entries themselves.
+
+    The same choice (idle loaded models by (priority, id) until ``needed`` is
+    freed; every idle one when that is not enough) without building the
+    snapshot, which under churn was most of the cost of making room.
+    """
+    idle = [(e.priority, e.model_id, e.size) for e in entries
+            if e.size > 0 and e is not keep and e.state is CopyState.LOADED and not e.in_use]
+    heapq.heapify(idle)
+    chosen: list[str] = []
+    freed = 0
+    top = clock
+    while idle and freed < needed:
+        priority, model_id, size = heapq.heappop(idle)
+        chosen.append(model_id)
+        freed += size
+        top = max(top, priority)
+    return chosen, top
 
 
 def snapshot(entries: Iterable[CacheEntry], capacity_bytes: int, clock: float,

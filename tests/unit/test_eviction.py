@@ -110,3 +110,43 @@ async def test_memory_summary_matches_the_snapshots() -> None:
         assert (pinned.pinned_bytes, pinned.lru_time, pinned.min_priority) == (615, None, None)
     finally:
         await cache.close()
+
+
+def test_lowest_priority_first_chooses_as_the_policy_would() -> None:
+    """The cache's own walk picks the same victims and clock as ``Policy.evict`` does."""
+    import random
+
+    from modelmesh.cache.entries import CacheEntry
+    from modelmesh.cache.eviction import snapshot, victims
+    from modelmesh.registry.records import CopyState
+
+    base = get_policy("density")
+
+    class Generic(type(base)):  # type: ignore[misc]
+        def evict(self, cache, bytes_needed, *, below=None):  # goes through the snapshot
+            return super().evict(cache, bytes_needed, below=below)
+
+    generic = Generic()
+    rng = random.Random(7)
+    loop = asyncio.new_event_loop()
+    try:
+        for trial in range(200):
+            entries = []
+            for i in range(rng.randint(0, 30)):
+                e = CacheEntry(f"m{i:02d}", loop.create_future())
+                e.state = rng.choice([CopyState.LOADED] * 4 + [CopyState.LOADING])
+                e.size = rng.choice([0, 50, 100, 300])
+                e.in_use = rng.choice([0, 0, 0, 1])
+                e.priority = rng.choice([0.5, 1.0, 2.0, rng.random()])
+                entries.append(e)
+            keep = rng.choice(entries) if entries and trial % 3 == 0 else None
+            needed = rng.choice([0, 1, 100, 400, 2000])
+            clock = rng.random()
+
+            def snap(keep=keep):
+                return snapshot(entries, 5000, clock, keep)
+
+            assert victims(entries, needed, keep, base, snap, clock) == \
+                victims(entries, needed, keep, generic, snap, clock), trial
+    finally:
+        loop.close()
