@@ -13,14 +13,14 @@ request rather than at load: a load does nothing but read the file.
 Size, before and after the load alike, from the file: a plain pickle/joblib
 file holds the estimator's arrays inline and little else, and the memory the
 unpickled estimator takes is that plus the allocator's slack on its arrays and
-a few Python objects. Measured on this machine (RSS added per model in a bare
-process, glibc malloc, scikit-learn 1.x): random forests of 1 to 32 trees take
-1.065-1.10x their file, 1.08x on average, and a LogisticRegression about 3 KB
-for a 1 KB file; ``MEMORY_FACTOR`` and ``MEMORY_OVERHEAD`` are that fit. A
-compressed file says little about its contents: the estimator is measured
-once loaded (pickled with protocol 5 without copying its arrays) and the same
-fit applied; before the load it is guessed at 5x the file (typical zlib/lzma
-ratio on float arrays).
+a few Python objects. ``MEMORY_FACTOR`` and ``MEMORY_OVERHEAD`` are a straight
+line through what a mesh instance's RSS grew by per model on this machine
+(glibc malloc, scikit-learn 1.9, loads in the instance's threads; the density
+benchmark's method): random forests of 2 trees (108.5 KB files) took 117.8 KB
+each, of 8 trees (430.2 KB) 453.9 KB. A compressed file says little about its
+contents: the estimator is measured once loaded (pickled with protocol 5
+without copying its arrays) and the same line applied; before the load it is
+guessed at 5x the file (typical zlib/lzma ratio on float arrays).
 
 ``predict`` only reads the fitted estimator, which scikit-learn estimators
 allow from several threads at once.
@@ -58,8 +58,8 @@ log = logging.getLogger(__name__)
 
 SUFFIXES = (".joblib", ".pkl", ".pickle", ".sav")
 #: Memory of an unpickled estimator per byte of its plain pickle, and per model.
-MEMORY_FACTOR = 1.08
-MEMORY_OVERHEAD = 1024
+MEMORY_FACTOR = 1.045
+MEMORY_OVERHEAD = 4500
 COMPRESSED_FACTOR = 5.0
 
 
