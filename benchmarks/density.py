@@ -327,6 +327,7 @@ def run(workdir: Path, quick: bool) -> dict:
         "density_overhead_per_model_kb": result["overhead_per_model_bytes"] / 1000,
         "density_mesh_overhead_per_model_kb": result["mesh_overhead_per_model_bytes"] / 1000,
         "density_rss_peak_over_budget": result["rss_peak_over_budget_with_libraries"],
+        "density_rss_over_accounted": round(result["overhead_ratio"], 4),
     }
     result["summary"] = summary(result)
     return result

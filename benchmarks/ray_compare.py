@@ -412,6 +412,7 @@ def run(workdir: Path, quick: bool, peers: bool = True) -> dict[str, Any]:
 def ratios(r: dict[str, Any]) -> dict[str, float]:
     m = r["mesh"]
     out = {"churn_loads_per_miss": m["churn_grpc"]["loads_per_miss"],
+           "churn_lru_loads_per_miss": m["churn_lru"]["loads_per_miss"],
            "churn_vs_fitting_throughput_500": (m["churn_grpc"]["requests_per_s"]
                                                / m["fitting"]["requests_per_s"]),
            "mesh_cold_start_over_warm_ms": m["cold"]["cold_over_warm_ms"],
@@ -429,6 +430,7 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
             "ray_fixed_memory_mb": ray["fixed_rss_bytes"] / MB,
             "ray_rest_churn_throughput": (m["churn_rest"]["requests_per_s"]
                                           / ray["churn"]["requests_per_s"]),
+            "ray_rest_churn_p99": m["churn_rest"]["p99_ms"] / ray["churn"]["p99_ms"],
         })
     return {k: round(v, 3) for k, v in out.items()}
 
