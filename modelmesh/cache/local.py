@@ -414,7 +414,8 @@ class ModelCache:
             self._by_state[entry.state] -= 1
         self._resize(entry, 0)
         model, entry.model = entry.model, None
-        if model is not None:
+        if model is not None and type(model).unload is not LoadedModel.unload:
+            # (a model with nothing to release outside the heap needs no thread)
             done = asyncio.get_running_loop().run_in_executor(self._executor, model.unload)
             self._unloads.add(done)
             done.add_done_callback(self._unloaded)
