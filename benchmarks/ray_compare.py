@@ -400,6 +400,14 @@ def run(workdir: Path, quick: bool, peers: bool = True) -> dict[str, Any]:
         mesh["churn_lru"] = mesh_variant(procs, workdir, etcd, "lru", ids, files, total // 3,
                                          order, seconds, warm_s, per_request(mesh["warm_grpc"]),
                                          ["--placement", "lru"])
+        # The mesh's warm floor merges its 16 callers' requests; churn cannot, so its
+        # serving cost is taken from the everything-fits run (same traffic, no loads).
+        serving = mesh["fitting"]["server_cpu_s"] / max(mesh["fitting"]["window_requests"], 1)
+        for key in ("churn_grpc", "churn_lru"):
+            row = mesh[key]
+            if row["window_loads"]:
+                row["cpu_per_load_ms"] = ((row["server_cpu_s"] - serving * row["window_requests"])
+                                          / row["window_loads"] * 1000)
         result["mesh"] = mesh
         if peers:
             held = int(mesh["churn_grpc"]["loaded_at_end"])
@@ -481,9 +489,11 @@ def summary(r: dict[str, Any]) -> str:
         "| server | warm request ms | first request ms | cold start over warm ms | "
         "loads for 100 concurrent first requests | idle RSS MB | RSS per model KB |\n"
         "|---|---|---|---|---|---|---|\n" + "\n".join(sides) + "\n\n" + ray_note +
-        "Server CPU per load: the server's CPU in the churn window less its warm-floor CPU "
-        "per request times the requests, over the loads (all processes for Ray). RSS per "
-        "model: from one model loaded to the end of the churn run.\n"
+        "Server CPU per load: the server's CPU in the churn window less the CPU its requests "
+        "cost without loads, over the loads. The mesh's gRPC rows take that cost from the "
+        "everything-fits run (same traffic, nothing loaded; its warm floor merges requests, "
+        "churn cannot); its REST row and Ray (all its processes) from their one-model warm "
+        "floor. RSS per model: from one model loaded to the end of the churn run.\n"
     )
 
 
