@@ -143,7 +143,7 @@ def test_lowest_priority_first_chooses_as_the_policy_would() -> None:
             needed = rng.choice([0, 1, 100, 400, 2000])
             clock = rng.random()
 
-            def snap(keep=keep):
+            def snap(keep=keep, entries=entries, clock=clock):
                 return snapshot(entries, 5000, clock, keep)
 
             assert victims(entries, needed, keep, base, snap, clock) == \
