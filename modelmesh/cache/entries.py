@@ -21,6 +21,19 @@ class ModelLoader(Protocol):
     def load(self, record: ModelRecord) -> LoadedModel: ...
 
 
+def predict_then_load(loader: ModelLoader, record: ModelRecord,
+                      budget: int) -> tuple[int, LoadedModel | None]:
+    """(predicted size, the model loaded if that size is within ``budget``); in a thread."""
+    predicted = loader.predict_size(record)
+    return predicted, loader.load(record) if predicted <= budget else None
+
+
+def size_phrase(measured: int, predicted: int) -> str:
+    if measured:
+        return f"takes {measured} bytes once loaded (measured here)"
+    return f"needs about {predicted} bytes"
+
+
 class CacheEntry:
     """One model's slot in the cache (mutable; owned by the cache)."""
 

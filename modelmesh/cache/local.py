@@ -48,6 +48,8 @@ from modelmesh.cache.entries import (
     ModelLoader,
     UnloadReason,
     Usage,
+    predict_then_load,
+    size_phrase,
 )
 from modelmesh.cache.eviction import memory_of, snapshot, victims
 from modelmesh.errors import CapacityExceeded, ModelLoadFailed, Unavailable
@@ -258,17 +260,18 @@ class ModelCache:
                 self._on_event(CacheEvent(EventKind.LOADING, model_id))
                 started = time.perf_counter()
                 # A size measured here before beats any estimate.
-                predicted = entry.measured or record.size_estimate or await loop.run_in_executor(
-                    self._executor, self.loader.predict_size, record
-                )
+                predicted = entry.measured or record.size_estimate
+                if not predicted:
+                    predicted, model = await self._predict_and_load(entry, record)
                 if predicted > self.capacity_bytes:
                     raise CapacityExceeded(
-                        f"model '{model_id}' {_size_phrase(entry.measured, predicted)}, more "
+                        f"model '{model_id}' {size_phrase(entry.measured, predicted)}, more "
                         f"than this instance's capacity of {self.capacity_bytes} bytes"
                     )
-                await self._make_room(predicted, entry)
-                self._resize(entry, predicted)
-                model = await loop.run_in_executor(self._executor, self.loader.load, record)
+                if model is None:
+                    await self._make_room(predicted, entry)
+                    self._resize(entry, predicted)
+                    model = await loop.run_in_executor(self._executor, self.loader.load, record)
                 measured = entry.measured = max(int(model.size_bytes), 1)
                 self._fit_measured(entry, predicted)
                 entry.model = model
@@ -304,6 +307,22 @@ class ModelCache:
         finally:
             if not entry.ready.done():
                 entry.ready.set_result(None)
+
+    async def _predict_and_load(self, entry: CacheEntry,
+                                record: ModelRecord) -> tuple[int, LoadedModel | None]:
+        """(predicted size, the model if loaded too): one thread hop instead of two.
+
+        It is loaded in the hop that predicts its size when that fits the bytes held
+        for it meanwhile: half those free now, at most an eighth of the capacity (a
+        load next to it still finds room). Otherwise (nearly full) only the size
+        comes back, and the load makes room for it as every load does.
+        """
+        budget = max(0, min((self.capacity_bytes - self._used) // 2, self.capacity_bytes // 8))
+        self._resize(entry, budget)
+        predicted, model = await asyncio.get_running_loop().run_in_executor(
+            self._executor, predict_then_load, self.loader, record, budget)
+        self._resize(entry, predicted if model is not None else 0)
+        return predicted, model
 
     def _fit_measured(self, entry: CacheEntry, predicted: int) -> None:
         """Count the measured size of a model just loaded, or raise if it does not fit.
@@ -394,10 +413,6 @@ class ModelCache:
             self._drop(entry, UnloadReason.EVICTED)
         return freed
 
-    def choose_victims(self, needed: int, keep: CacheEntry | None = None) -> list[str]:
-        """The models ``_evict_for`` would unload to free ``needed`` bytes (nothing changes)."""
-        return self._victims(needed, keep)[0]
-
     def _victims(self, needed: int, keep: CacheEntry | None) -> tuple[list[str], float]:
         """(the models to evict to free ``needed`` bytes, the pool's clock after that)."""
         return victims(self._entries.values(), needed, keep, self.policy,
@@ -482,10 +497,3 @@ class ModelCache:
             await asyncio.gather(*self._unloads, return_exceptions=True)
         if self._own_executor:
             self._executor.shutdown(wait=True)
-
-
-def _size_phrase(measured: int, predicted: int) -> str:
-    if measured:
-        return f"takes {measured} bytes once loaded (measured here)"
-    return f"needs about {predicted} bytes"
-

@@ -235,3 +235,40 @@ async def test_loaded_and_loading_counts_follow_every_change() -> None:
     check()
     await cache.close()
     assert (cache.loaded_count, cache.loading_count) == (0, 0) == recount()
+
+
+async def test_size_and_load_in_one_hop_when_it_fits_else_room_made_first() -> None:
+    """With room to spare the size is predicted and the model loaded in one thread job;
+    near full, the size comes back alone and the load waits for the room it needs."""
+    sizes = {"a": 100, "b": 100, "c": 100, "big": 400}
+    loader = StandInLoader(sizes)
+    calls: list[tuple[str, str, int]] = []
+    predict, load = loader.predict_size, loader.load
+
+    def traced_predict(record):
+        calls.append(("predict", record.model_id, threading.get_ident()))
+        return predict(record)
+
+    def traced_load(record):
+        calls.append(("load", record.model_id, threading.get_ident()))
+        used.append(cache.used_bytes)
+        return load(record)
+
+    used: list[int] = []
+    loader.predict_size, loader.load = traced_predict, traced_load  # type: ignore[method-assign]
+    cache = ModelCache(1000, loader)
+    try:
+        await use(cache, "a")  # 1000 free: budget 125 holds its 100
+        assert [c[:2] for c in calls] == [("predict", "a"), ("load", "a")]
+        assert calls[0][2] == calls[1][2] and used == [125]  # the budget held meanwhile
+        await use(cache, "big")  # 900 free: budget 125 < 400, so it is loaded after the size
+        await use(cache, "b")
+        await use(cache, "c")  # 400 free: budget 125 fits 100
+        assert cache.used_bytes == 700 and all(u <= 1000 for u in used)
+        calls.clear()
+        cache.capacity_bytes = 700  # now full: no budget, the usual two steps
+        cache.unload("c")
+        await use(cache, "c")
+        assert [c[0] for c in calls] == ["predict", "load"] and cache.used_bytes <= 700
+    finally:
+        await cache.close()
