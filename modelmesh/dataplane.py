@@ -237,7 +237,8 @@ class DataPlane:
                 codec.encode_outputs(outputs, requested, response)
                 stats.queue.add(max(time.perf_counter_ns() - queued - compute_ns, 0))
                 stats.compute_infer.add(compute_ns)
-                self.metrics.invoke_model_ms.labels("ModelInfer", "OK").observe(compute_ns / 1e6)
+                self.metrics.labelled("invoke_model_ms", "ModelInfer", "OK").observe(
+                    compute_ns / 1e6)
             finally:
                 self.cache.release(entry)
         except MeshError:

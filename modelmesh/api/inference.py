@@ -287,7 +287,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_errors("ModelInfer", histogram="api_request_ms")
     async def ModelInferRaw(self, raw: bytes, context) -> bytes:  # noqa: N802
         """ModelInfer on the request's bytes: routed, and forwarded without re-encoding."""
-        self.metrics.request_bytes.labels("grpc").observe(len(raw))
+        self.metrics.labelled("request_bytes", "grpc").observe(len(raw))
         return await self.infer(raw, CallInfo.from_context(context))
 
     async def ModelStreamInfer(  # noqa: N802

@@ -258,7 +258,7 @@ class Router:
             raise
         finally:
             in_flight[target] -= 1
-            metrics.forwarded.labels(code).inc()
+            metrics.labelled("forwarded", code).inc()
             metrics.forward_ms.observe((time.perf_counter() - start) * 1000)
 
     async def _forward_or_none(self, target: str, method: str, raw: bytes, info: CallInfo,
