@@ -176,11 +176,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         name = wire.check_request(raw)
         model_id = self.data.resolve(name if not info.model_id else "",
                                      info.model_id, info.vmodel_id)
-        if metadata is None:
-            metadata = tuple(info.metadata)
 
-        def local(record: ModelRecord):
-            return self.data.infer_bytes(raw, record, metadata)
+        def local(record: ModelRecord):  # the metadata goes only to a runtime taking bytes
+            return self.data.infer_bytes(raw, record, info.metadata if metadata is None
+                                         else metadata)
 
         return await self.router.invoke(INFER, raw, model_id, info, local)
 
