@@ -79,10 +79,8 @@ class PeerPool:
                         options=[*self._options, ("grpc.ssl_target_name_override",
                                                   sec.server_name)])
                 self._channels[endpoint] = channel
-            # Registered with the channel (as generated stubs do): gRPC core then keeps
-            # the method's path ready instead of taking it in per call.
             call = channel.unary_unary(method, request_serializer=None,
-                                       response_deserializer=None, _registered_method=True)
+                                       response_deserializer=None)
             self._calls[key] = call
         return call
 
