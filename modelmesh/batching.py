@@ -8,8 +8,10 @@ are stacked along the first (batch) axis, predicted in one call and split back.
 How long a batch stays open adapts to the traffic: a batch waits up to
 ``max_delay`` for company only while waiting has been paying off (recent waiting
 batches served on average at least two requests); otherwise it closes as soon as the requests
-already ready in the event loop have joined it, so a lone client pays nothing but
-an occasional probe (one batch in ``PROBE_EVERY``). Only models that declare
+already ready in the event loop have joined it (one loop turn, served by the request
+that opened it), and while even that has not been finding company a request runs at
+once, so a lone client pays nothing but an occasional probe (one batch in
+``PROBE_EVERY``). Only models that declare
 row-wise outputs (``LoadedModel.batchable``) and requests without parameters are
 merged; a batch whose outputs cannot be split by rows, or that the model rejects,
 is run again one request at a time, so every request gets exactly the answer (or
@@ -36,6 +38,9 @@ from modelmesh.tensor import Parameters, Tensor
 #: When waiting has not been paying off, one batch opening in this many waits anyway,
 #: to notice that traffic has picked up.
 PROBE_EVERY = 256
+#: Below this moving average of company, a batch that would not wait is not opened at
+#: all (a lone caller's requests run at once); ``PROBE_EVERY`` still opens one.
+LONE = 0.01
 
 # Runs a prediction: (inputs, requested outputs) -> (outputs, compute ns). It is
 # awaited, so the data plane decides whether that happens inline or in a thread.
@@ -73,6 +78,8 @@ class _Traffic:
     """Per model: has waiting for company been paying off lately?"""
 
     company: float = 1.0  # moving average of (requests - 1) in batches that waited
+    #: The same over batches that did not wait (those that joined in one loop turn).
+    ready_company: float = 1.0
     openings: int = 0
 
 
@@ -95,6 +102,19 @@ class Batcher:
         self._traffic: dict[str, _Traffic] = {}
         self.stats = BatchStats()
 
+    def alone(self, model_id: str) -> bool:
+        """Whether a request should run at once, without a batch: no batch is open and
+        recent ones that did not wait found no company (``LONE``), so not even a loop
+        turn is spent looking for it; one in ``PROBE_EVERY`` still opens a batch."""
+        if self._pending:
+            return False
+        traffic = self._traffic.get(model_id)
+        if traffic is None or traffic.ready_company >= LONE or traffic.company >= 1.0 \
+                or (traffic.openings + 1) % PROBE_EVERY == 0:
+            return False
+        traffic.openings += 1
+        return True
+
     def forget(self, model_id: str) -> None:
         """Drop the model's traffic history (a batch still open keeps its own reference)."""
         self._traffic.pop(model_id, None)
@@ -110,34 +130,67 @@ class Batcher:
             self._close(full_key)
             pending = None
         if pending is None:
-            pending = self._pending[full_key] = _Pending()
             traffic = self._traffic.get(model_id)
             if traffic is None:
                 traffic = self._traffic[model_id] = _Traffic()
             traffic.openings += 1
-            wait = self.max_delay > 0 and (traffic.company >= 1.0
-                                            or traffic.openings % PROBE_EVERY == 0)
-            if wait:
-                pending.traffic = traffic
-                loop.call_later(self.max_delay, self._flush, full_key, pending, requested, run)
-            else:
-                loop.call_soon(self._flush, full_key, pending, requested, run)
+            probe = traffic.openings % PROBE_EVERY == 0
+            wait = self.max_delay > 0 and (traffic.company >= 1.0 or probe)
+            pending = self._pending[full_key] = _Pending()
+            if not wait:
+                return await self._lead(full_key, pending, inputs, rows, requested, run,
+                                        traffic)
+            pending.traffic = traffic
+            loop.call_later(self.max_delay, self._flush, full_key, pending, requested, run)
         future: asyncio.Future[tuple[list[Tensor], int]] = loop.create_future()
         pending.inputs.append(inputs)
         pending.futures.append(future)
         pending.rows += rows
         return await future
 
+    async def _lead(self, full_key: tuple, pending: _Pending, inputs: list[Tensor], rows: int,
+                    requested: Sequence[str], run: Predict,
+                    traffic: _Traffic) -> tuple[list[Tensor], int]:
+        """A batch that waits for no one: the requests already ready in the event loop
+        join it during one turn of the loop; then it is served. A request still alone
+        (a lone caller's every request) runs itself, with no task, future or callback."""
+        own: asyncio.Future[tuple[list[Tensor], int]] = asyncio.get_running_loop().create_future()
+        pending.inputs.append(inputs)
+        pending.futures.append(own)
+        pending.rows += rows
+        try:
+            await asyncio.sleep(0)  # one loop turn, as a flush scheduled with call_soon
+        except BaseException:
+            # Cancelled: the requests that joined are served without this one.
+            del pending.inputs[0], pending.futures[0]
+            pending.rows -= rows
+            if pending.futures:
+                self._flush(full_key, pending, requested, run)
+            else:
+                self._close_if(full_key, pending)
+            raise
+        traffic.ready_company = 0.8 * traffic.ready_company + 0.2 * (len(pending.futures) - 1)
+        if len(pending.futures) == 1:
+            self._close_if(full_key, pending)
+            return await run(inputs, requested)
+        self._flush(full_key, pending, requested, run)
+        return await own
+
+    def _close_if(self, full_key: tuple, pending: _Pending) -> None:
+        if self._pending.get(full_key) is pending:
+            del self._pending[full_key]
+
     def _close(self, full_key: tuple) -> None:
         self._pending.pop(full_key, None)  # its flush is already scheduled
 
     def _flush(self, full_key: tuple, pending: _Pending, requested: Sequence[str],
                run: Predict) -> None:
-        if self._pending.get(full_key) is pending:
-            del self._pending[full_key]
+        self._close_if(full_key, pending)
         if pending.traffic is not None:
             pending.traffic.company = (0.8 * pending.traffic.company
                                        + 0.2 * (len(pending.futures) - 1))
+            if len(pending.futures) > 1:  # company again: look for it in loop turns too
+                pending.traffic.ready_company = max(pending.traffic.ready_company, 1.0)
         task = asyncio.get_running_loop().create_task(self._serve(pending, requested, run))
         # The futures carry every outcome; keep a reference until the task is done.
         _RUNNING.add(task)
@@ -262,7 +315,8 @@ class PredictionRunner:
         state.in_flight += 1
         try:
             key = None
-            if self.batching and not params and model.batchable:
+            if self.batching and not params and model.batchable \
+                    and not self.batcher.alone(model_id):
                 key = batch_key(inputs, requested)
             if key is None:
                 return await self._run(state, model, inputs, params, requested)

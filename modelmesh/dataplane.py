@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -162,7 +163,7 @@ class DataPlane:
     # -- inference --------------------------------------------------------------
 
     async def infer_bytes(
-        self, raw: bytes, record: ModelRecord, metadata: tuple[tuple[str, str | bytes], ...] = ()
+        self, raw: bytes, record: ModelRecord, metadata: Sequence[tuple[str, str | bytes]] = ()
     ) -> bytes:
         """Serve a serialized ModelInferRequest here; returns the serialized response.
 
@@ -173,7 +174,7 @@ class DataPlane:
         """
         entry = self.cache.get(record.model_id)
         if entry is not None and entry.model is not None and entry.model.passes_bytes:
-            return await self._infer_passthrough(raw, record, metadata)
+            return await self._infer_passthrough(raw, record, tuple(metadata))
         response = await self.infer(_parse_request(raw), record.model_id, record)
         return response.SerializeToString()
 
@@ -218,7 +219,7 @@ class DataPlane:
         stats = self._stats_for(model_id)
         try:
             inputs = codec.decode_inputs(request)
-            params = codec.params_to_python(request.parameters)
+            params = codec.params_to_python(request.parameters) if request.parameters else {}
             requested = [o.name for o in request.outputs]
             entry = await self.acquire(record, stats)
             try:
@@ -237,7 +238,8 @@ class DataPlane:
                 codec.encode_outputs(outputs, requested, response)
                 stats.queue.add(max(time.perf_counter_ns() - queued - compute_ns, 0))
                 stats.compute_infer.add(compute_ns)
-                self.metrics.invoke_model_ms.labels("ModelInfer", "OK").observe(compute_ns / 1e6)
+                self.metrics.labelled("invoke_model_ms", "ModelInfer", "OK").observe(
+                    compute_ns / 1e6)
             finally:
                 self.cache.release(entry)
         except MeshError:

@@ -42,6 +42,7 @@ class Metrics:
 
     def __init__(self, per_model: bool = False) -> None:
         self.registry = r = CollectorRegistry()
+        self._children: dict[tuple[str, ...], Any] = {}  # see labelled()
         #: ``--per-model-metrics`` (as ModelMesh's ``per_model_metrics``): a series per
         #: model id, dropped when the model is unregistered. Off by default: with tens of
         #: thousands of models the series would swamp Prometheus.
@@ -160,6 +161,18 @@ class Metrics:
             "modelmesh_disk_cache_evictions",
             "Models evicted from the local disk cache since start", registry=r,
         )
+
+    def labelled(self, name: str, *labels: str) -> Any:
+        """The child of metric ``name`` (an attribute) for ``labels``, looked up once: the
+        request path calls this per request, and prometheus' ``labels()`` (validation,
+        a lock) costs more than the observation itself. Only for metrics whose series
+        are never removed (not ``model_request_ms``); a series still appears on first use.
+        """
+        key = (name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = getattr(self, name).labels(*labels)
+        return child
 
     def observe_model(self, model_id: str, code: str, ms: float) -> None:
         """One request served here for ``model_id`` (only with per-model metrics)."""

@@ -176,11 +176,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         name = wire.check_request(raw)
         model_id = self.data.resolve(name if not info.model_id else "",
                                      info.model_id, info.vmodel_id)
-        if metadata is None:
-            metadata = tuple(info.metadata)
 
-        def local(record: ModelRecord):
-            return self.data.infer_bytes(raw, record, metadata)
+        def local(record: ModelRecord):  # the metadata goes only to a runtime taking bytes
+            return self.data.infer_bytes(raw, record, info.metadata if metadata is None
+                                         else metadata)
 
         return await self.router.invoke(INFER, raw, model_id, info, local)
 
@@ -287,7 +286,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_errors("ModelInfer", histogram="api_request_ms")
     async def ModelInferRaw(self, raw: bytes, context) -> bytes:  # noqa: N802
         """ModelInfer on the request's bytes: routed, and forwarded without re-encoding."""
-        self.metrics.request_bytes.labels("grpc").observe(len(raw))
+        self.metrics.labelled("request_bytes", "grpc").observe(len(raw))
         return await self.infer(raw, CallInfo.from_context(context))
 
     async def ModelStreamInfer(  # noqa: N802

@@ -165,7 +165,7 @@ def grpc_errors(method: str, histogram: str | None = None) -> Callable[[F], F]:
                 return None
             finally:
                 if histogram is not None:
-                    getattr(self.metrics, histogram).labels(method, code, "grpc").observe(
+                    self.metrics.labelled(histogram, method, code, "grpc").observe(
                         (time.perf_counter() - start) * 1000
                     )
 

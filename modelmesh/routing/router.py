@@ -110,7 +110,8 @@ class Router:
         local: Local,
     ) -> bytes:
         """Serve ``raw`` (a serialized request for ``model_id``) here or on the right peer."""
-        record = await self.registry.require_model(model_id)
+        # The mirror first, as require_model does, without a coroutine per request.
+        record = self.registry.models.get(model_id) or await self.registry.require_model(model_id)
         entry = self.cache.get(model_id)
         here = entry is not None and entry.state is not CopyState.FAILED
         if here and entry is not None and info.hops < self.max_hops and not info.balanced:
@@ -273,7 +274,7 @@ class Router:
             raise
         finally:
             in_flight[target] -= 1
-            metrics.forwarded.labels(code).inc()
+            metrics.labelled("forwarded", code).inc()
             metrics.forward_ms.observe((time.perf_counter() - start) * 1000)
 
     async def _forward_or_none(self, target: str, method: str, raw: bytes, info: CallInfo,
