@@ -37,7 +37,7 @@ from modelmesh.registry.store import MAX_TXN_OPS, Registry, now_ms
 log = logging.getLogger(__name__)
 
 #: Shortest gap between two instance records (coalesces bursts of cache events).
-INSTANCE_MIN_GAP_S = 0.1
+INSTANCE_MIN_GAP_S = 0.02
 #: The instance record is refreshed at least this often (load figures drift).
 INSTANCE_REFRESH_S = 5.0
 #: How long the copy publisher gathers changes before one write.
