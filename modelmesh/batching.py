@@ -35,6 +35,10 @@ import numpy as np
 from modelmesh.runtimes.base import LoadedModel
 from modelmesh.tensor import Parameters, Tensor
 
+#: Models up to this size take their first prediction's place (inline or in a thread)
+#: from the small models of their kind.
+SMALL_MODEL_BYTES = 1 << 20
+
 #: When waiting has not been paying off, one batch opening in this many waits anyway,
 #: to notice that traffic has picked up.
 PROBE_EVERY = 256
@@ -280,6 +284,8 @@ class PredictionRunner:
         self.batching = max_batch_rows > 1
         self.batcher = Batcher(max_batch_rows, max_batch_delay_ms / 1000, on_batch=on_batch)
         self._models: dict[str, _ModelState] = {}
+        #: Recent compute ns of small models, by LoadedModel class (``_first_guess``).
+        self._small_by_kind: dict[type, int] = {}
 
     def typical_ns(self, model_id: str) -> int:
         """Recent compute time of one prediction of the model (0: not measured yet)."""
@@ -330,14 +336,30 @@ class PredictionRunner:
 
     async def _run(self, state: _ModelState, model: LoadedModel, inputs: list[Tensor],
                    params: Parameters, requested: Sequence[str]) -> tuple[list[Tensor], int]:
-        typical = state.typical_ns
+        typical = state.typical_ns or self._first_guess(model)
         if 0 < typical < self.inline_ns:
             outputs, ns = _timed(model, inputs, params, requested)
         else:
             outputs, ns = await asyncio.get_running_loop().run_in_executor(
                 self.executor, _timed, model, inputs, params, requested)
-        state.typical_ns = ns if not typical else (typical * 7 + ns) // 8
+        own = state.typical_ns
+        state.typical_ns = ns if not own else (own * 7 + ns) // 8
+        if model.size_bytes <= SMALL_MODEL_BYTES:
+            kind = type(model)
+            seen = self._small_by_kind.get(kind, 0)
+            self._small_by_kind[kind] = ns if not seen else (seen * 15 + ns) // 16
         return outputs, ns
+
+    def _first_guess(self, model: LoadedModel) -> int:
+        """A first prediction's likely time: that of the small models of its kind lately.
+
+        Only for a small model, so that a model just loaded for a cold request is not
+        sent to a thread for its first answer when its kind answers in microseconds
+        (a large one, which may be slow, is measured in a thread first).
+        """
+        if model.size_bytes > SMALL_MODEL_BYTES:
+            return 0
+        return self._small_by_kind.get(type(model), 0)
 
 
 def _timed(model: LoadedModel, inputs: list[Tensor], params: Parameters,

@@ -104,6 +104,35 @@ async def test_a_model_that_slows_down_moves_back_to_threads():
     assert [t == loop_thread for t in model.threads] == [False, True, True, True, False, False]
 
 
+class ManyModelLoader:
+    def __init__(self, models: dict[str, TimedModel]) -> None:
+        self.models = models
+
+    def predict_size(self, record: ModelRecord) -> int:
+        return 10
+
+    def load(self, record: ModelRecord) -> LoadedModel:
+        return self.models[record.model_id]
+
+
+async def test_a_small_model_answers_its_first_request_where_its_kind_does():
+    """A cold small model's first answer runs inline when small models of its kind are
+    fast lately; a large one, or one of a kind not seen fast, is measured in a thread."""
+    models = {"a": TimedModel(0.0), "b": TimedModel(0.0), "big": TimedModel(0.0)}
+    models["big"].size_bytes = 8 << 20
+    cache = ModelCache(1 << 30, ManyModelLoader(models))
+    with ThreadPoolExecutor(2) as executor:
+        plane = DataPlane(registry=in_memory_registry(), cache=cache, metrics=Metrics(),
+                          executor=executor, load_timeout=10, inline_infer_ms=1.0)
+        loop_thread = threading.get_ident()
+        for model_id in ("a", "b", "big"):
+            await plane.infer(request(), model_id, ModelRecord(model_id, "identity", "m.json"))
+        await cache.close()
+    assert models["a"].threads[0] != loop_thread  # nothing known of its kind yet
+    assert models["b"].threads[0] == loop_thread  # "a" answered in microseconds
+    assert models["big"].threads[0] != loop_thread  # large: measured in a thread first
+
+
 # --------------------------------------------------------------------------- batching
 
 
