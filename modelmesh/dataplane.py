@@ -149,7 +149,8 @@ class DataPlane:
             return entry
         start = time.perf_counter_ns()
         try:
-            entry = await asyncio.wait_for(self.cache.acquire(record), self.load_timeout)
+            async with asyncio.timeout(self.load_timeout):  # no task of its own, as wait_for has
+                entry = await self.cache.acquire(record)
         except TimeoutError:
             raise Unavailable(
                 f"model '{record.model_id}' did not load within {self.load_timeout:.0f}s"

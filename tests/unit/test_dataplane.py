@@ -260,3 +260,24 @@ async def test_a_lone_client_stops_waiting_for_company():
     traffic = plane.runner.batcher._traffic["m"]
     assert traffic.company < 1.0  # the next batch closes at once instead of waiting
     assert model.calls == [1] * 10
+
+
+async def test_a_load_slower_than_the_load_timeout_is_unavailable_and_unpinned():
+    from modelmesh.errors import Unavailable
+
+    class SlowLoader(OneModelLoader):
+        def load(self, record):
+            time.sleep(0.3)
+            return self.model
+
+    cache = ModelCache(1000, SlowLoader(TimedModel(0.0)))
+    with ThreadPoolExecutor(2) as executor:
+        plane = DataPlane(registry=in_memory_registry(), cache=cache, metrics=Metrics(),
+                          executor=executor, load_timeout=0.05)
+        record = ModelRecord("m", "identity", "m.json")
+        with pytest.raises(Unavailable, match="did not load within"):
+            await plane.infer(request(), "m", record)
+        await cache.settle()  # the load itself finishes: loaded, and nobody holds it
+        entry = cache.get("m")
+        assert entry is not None and cache.is_loaded("m") and entry.in_use == 0
+        await cache.close()
