@@ -247,14 +247,11 @@ def rest_bodies(model: BenchModel) -> dict[str, tuple[bytes, dict[str, str]]]:
 def http_load(port: int, path: str, body: bytes, headers: dict[str, str], concurrency: int,
               seconds: float) -> dict[str, float]:
     """One closed-loop run of ``http_load.py`` in its own process."""
-    spec = {"port": port, "path": path, "body_b64": base64.b64encode(body).decode(),
-            "headers": headers, "concurrency": concurrency, "seconds": seconds}
-    done = subprocess.run([PYTHON, str(Path(__file__).with_name("http_load.py")),
-                           json.dumps(spec)], capture_output=True, text=True,
-                          timeout=seconds + 120, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"http_load failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout)
+    from http_load import run_in_process
+
+    return run_in_process({"port": port, "path": path, "concurrency": concurrency,
+                           "body_b64": base64.b64encode(body).decode(), "headers": headers,
+                           "seconds": seconds})
 
 
 def start_bare_rest(procs: Processes, workdir: Path, model: BenchModel) -> int:

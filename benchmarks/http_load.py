@@ -23,12 +23,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from common import latency_summary
+
+
+def run_in_process(spec: dict[str, Any]) -> dict[str, Any]:
+    """One run of this load generator on ``spec``, in a process of its own; its answer."""
+    done = subprocess.run([sys.executable, str(Path(__file__)), json.dumps(spec)],
+                          capture_output=True, text=True, timeout=spec["seconds"] + 120,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"http_load failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
 
 
 class _Connection(asyncio.Protocol):

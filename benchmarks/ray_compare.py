@@ -46,7 +46,6 @@ import http.client
 import itertools
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,7 +59,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from churn import ZIPF_S, cache_counters, load_all, zipf_order  # noqa: E402
 from common import (  # noqa: E402
-    PYTHON,
     Processes,
     drive,
     free_port,
@@ -104,12 +102,9 @@ def http_drive(port: int, seconds: float, model: str = WARM_ID, order_file: Path
         "models": list(ids) or [model], "warmup_s": 0.5}
     if order_file is not None:
         spec.update(order_file=str(order_file), order_start=start)
-    done = subprocess.run([PYTHON, str(Path(__file__).with_name("http_load.py")),
-                           json.dumps(spec)], capture_output=True, text=True,
-                          timeout=seconds + 120, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"http_load failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout)
+    from http_load import run_in_process
+
+    return run_in_process(spec)
 
 
 def http_infer(port: int, model: str, conn: http.client.HTTPConnection | None = None) -> float:
