@@ -90,6 +90,7 @@ class ModelCache:
         self._on_event = on_event or (lambda _ev: None)
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()  # LRU order: oldest first
         self._used = 0
+        self._held = 0  # bytes held for loads whose size is not known yet (not used bytes)
         self._load_slots = asyncio.Semaphore(max_concurrent_loads)
         self._space_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()  # loads
@@ -113,23 +114,15 @@ class ModelCache:
 
     @property
     def loaded_count(self) -> int:
-        return self._counts()[0]
+        return self._by_state[CopyState.LOADED]
 
     @property
     def loading_count(self) -> int:
-        return self._counts()[1]
-
-    def _counts(self) -> tuple[int, int]:
-        """(loaded, loading): kept as entries change, since every cache event asks."""
-        return self._by_state[CopyState.LOADED], self._by_state[CopyState.LOADING]
+        return self._by_state[CopyState.LOADING]
 
     def memory(self, max_age: float = 0.1) -> Memory:
-        """The snapshot's memory summary, at most ``max_age`` seconds old.
-
-        Routing asks for it on every request it cannot serve here and the
-        instance record on every cache event; one summary walks every entry, so
-        it is shared for a moment (other instances' figures are older still).
-        """
+        """The snapshot's memory summary, at most ``max_age`` seconds old (routing and
+        the instance record ask often; other instances' figures are older still)."""
         now = time.monotonic()
         if self._memory is None or now - self._memory_at > max_age:
             self._memory = memory_of(self._entries.values(), self.capacity_bytes)
@@ -312,16 +305,21 @@ class ModelCache:
                                 record: ModelRecord) -> tuple[int, LoadedModel | None]:
         """(predicted size, the model if loaded too): one thread hop instead of two.
 
-        It is loaded in the hop that predicts its size when that fits the bytes held
-        for it meanwhile: half those free now, at most an eighth of the capacity (a
-        load next to it still finds room). Otherwise (nearly full) only the size
-        comes back, and the load makes room for it as every load does.
-        """
-        budget = max(0, min((self.capacity_bytes - self._used) // 2, self.capacity_bytes // 8))
-        self._resize(entry, budget)
-        predicted, model = await asyncio.get_running_loop().run_in_executor(
-            self._executor, predict_then_load, self.loader, record, budget)
-        self._resize(entry, predicted if model is not None else 0)
+        Loaded in the hop that predicts its size when that fits the bytes held for it
+        meanwhile (half the free bytes, at most an eighth of the capacity; held apart
+        from the used bytes an instance record shows); else, nearly full, the load
+        makes room for the size that came back as every load does."""
+        free = self.capacity_bytes - self._used - self._held
+        budget = max(0, min(free // 2, self.capacity_bytes // 8))
+        self._held += budget
+        try:
+            predicted, model = await asyncio.get_running_loop().run_in_executor(
+                self._executor, predict_then_load, self.loader, record, budget)
+        finally:
+            self._held -= budget
+            self._space_freed.set()
+        if model is not None:
+            self._resize(entry, predicted)  # within the bytes just let go of
         return predicted, model
 
     def _fit_measured(self, entry: CacheEntry, predicted: int) -> None:
@@ -340,7 +338,7 @@ class ModelCache:
                 f"{predicted} were predicted), more than this instance's capacity of "
                 f"{self.capacity_bytes} bytes"
             )
-        shortfall = self._used - entry.size + measured - self.capacity_bytes
+        shortfall = self._used + self._held - entry.size + measured - self.capacity_bytes
         if shortfall > 0 and self._evict_for(shortfall, entry, all_or_nothing=True) < shortfall:
             raise CapacityExceeded(
                 f"no room for '{entry.model_id}' right now: it takes {measured} bytes once "
@@ -375,7 +373,7 @@ class ModelCache:
         """Evict until ``needed`` more bytes fit; wait for in-use models if needed."""
         deadline = time.monotonic() + self.space_wait
         while True:
-            shortfall = self._used + needed - self.capacity_bytes
+            shortfall = self._used + self._held + needed - self.capacity_bytes
             if shortfall <= 0:
                 return
             freed = self._evict_for(shortfall, loading)
