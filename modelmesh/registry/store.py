@@ -377,17 +377,9 @@ class Registry(Mirror):
 
     # -- usage and leadership ---------------------------------------------------
 
-    async def record_use(self, model_id: str, last_used_ms: int = 0, request_rate: float = 0.0,
-                         size_bytes: int = 0) -> None:
-        """Store a model's last use and rate, or its measured size, in its record.
-
-        Compare-and-set on the record's revision: a registration that changed
-        meanwhile is never overwritten.
-        """
-        await self.record_uses({model_id: Use(last_used_ms, request_rate, size_bytes)})
-
     async def record_uses(self, uses: Mapping[str, Use]) -> None:
-        """``record_use`` for several models: one read and one write for all of them.
+        """Store models' last use and rate, or measured size, in their records: one read
+        and one write for all of them (placement elsewhere values unloaded models by them).
 
         At most ``MAX_TXN_OPS`` models. Each write is a compare-and-set on its
         record's revision; when one record changed between the read and the write

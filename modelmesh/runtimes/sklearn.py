@@ -138,14 +138,13 @@ def _unpickle(joblib: Any, data: bytes, compressed: bool) -> Any:
 class SklearnModel(LoadedModel):
     batchable = True  # estimators predict row by row
 
-    def __init__(self, model_id: str, estimator: Any, size_bytes: int | None = None) -> None:
+    def __init__(self, model_id: str, estimator: Any, size_bytes: int) -> None:
         self.model_id = model_id
         self.estimator = estimator
         n = getattr(estimator, "n_features_in_", None)
         self.n_features = int(n) if n is not None else None
         self.has_proba = hasattr(estimator, "predict_proba")
-        self.size_bytes = memory_bytes(pickled_size(estimator)) if size_bytes is None \
-            else size_bytes
+        self.size_bytes = size_bytes
 
     @cached_property
     def signature(self) -> ModelSignature:  # type: ignore[override]
