@@ -122,9 +122,9 @@ def test_a_load_runs_no_probe_prediction(demo_dir, demo_by_type, model_type):
     calls = []
     predict = model.predict
     model.predict = lambda *a: calls.append(a) or predict(*a)  # type: ignore[method-assign]
-    if model_type == "sklearn":
-        estimator_predict = model.estimator.predict
-        model.estimator.predict = lambda x: calls.append(x) or estimator_predict(x)
+    if model_type == "sklearn":  # the probe runs the estimator through _run
+        run_ = model._run
+        model._run = lambda *a: calls.append(a) or run_(*a)  # type: ignore[method-assign]
     outputs = [s.name for s in model.signature.outputs]
     assert "predict" in outputs and calls  # probed now, once
     assert model.signature is model.signature
@@ -187,9 +187,14 @@ def test_onnx_matches_session_and_logistic_regression(demo_dir, demo_by_type, lo
 
 def test_predict_outputs_computes_only_what_is_asked(demo_dir, demo_by_type, loaded,
                                                       monkeypatch):
-    """Asked only for labels, a classifier skips its probabilities; the values agree."""
+    """Asked only for labels, a classifier skips its probabilities; the values agree.
+
+    scikit-learn's own methods here: the fast path (test_sklearn_fast) gets a forest's
+    labels from its probabilities, as the forest's predict() does."""
     x = batch()
     sk = loaded["sklearn"]  # a random forest: its predict() calls predict_proba() itself
+    fast = {t.name: t.data for t in sk.predict([Tensor("features", "FP32", x)], {})}
+    monkeypatch.setattr(sk, "_fast", None)
     calls = []
     original = sk.estimator.predict_proba
     monkeypatch.setattr(sk.estimator, "predict_proba",
@@ -199,6 +204,8 @@ def test_predict_outputs_computes_only_what_is_asked(demo_dir, demo_by_type, loa
     only = sk.predict_outputs([Tensor("features", "FP32", x)], {}, ["predict"])
     assert [t.name for t in only] == ["predict"] and len(calls) == 3
     np.testing.assert_array_equal(only[0].data, full["predict"].data)
+    for name, data in fast.items():
+        np.testing.assert_array_equal(data, full[name].data)
     both = sk.predict_outputs([Tensor("features", "FP32", x)], {}, ["predict_proba"])
     assert {t.name for t in both} == {"predict", "predict_proba"} and len(calls) == 5
     # An unknown name gets every output, so the codec's error can list them.
