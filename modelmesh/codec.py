@@ -260,8 +260,8 @@ def decode_inputs(request: service_pb2.ModelInferRequest) -> list[Tensor]:
                 f"request has {len(raw)} raw_input_contents entries but {len(inputs)} "
                 "inputs; send exactly one raw entry per input, in input order"
             )
-        for tensor in inputs:
-            if _typed_fields(tensor.contents):
+        for tensor in inputs:  # HasField first: reading the eight fields costs ~10 us
+            if tensor.HasField("contents") and _typed_fields(tensor.contents):
                 raise InvalidArgument(
                     f"input '{clip(tensor.name)}' has typed contents but the request also "
                     "uses raw_input_contents; send every input one way, not both"
