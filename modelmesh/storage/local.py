@@ -21,7 +21,7 @@ from modelmesh.errors import InvalidArgument, StorageError
 from modelmesh.registry.records import ModelRecord
 from modelmesh.storage.config import StorageConfigs, shared_storage_configs
 from modelmesh.storage.diskcache import DiskCache
-from modelmesh.storage.paths import FileScope, check_path_text
+from modelmesh.storage.paths import FileScope, check_path_text, real_path
 from modelmesh.storage.puller import Puller, Source, resolve_source
 
 if TYPE_CHECKING:
@@ -56,7 +56,11 @@ def resolve_model_path(models_root: Path, path: str) -> Path:
     # os.path on strings: this runs for every registration, and pathlib's resolve()
     # was a tenth of a registerModel call's CPU.
     root = _real_root(str(models_root))
-    full = os.path.realpath(raw if os.path.isabs(raw) else os.path.join(root, raw))
+    joined = raw if os.path.isabs(raw) else os.path.join(root, raw)
+    try:
+        full = real_path(joined)  # the kernel's answer, for a path that exists
+    except OSError:
+        full = os.path.realpath(joined)  # what of it exists resolved, the rest as given
     if full != root and not full.startswith(root.rstrip(os.sep) + os.sep):
         raise InvalidArgument(
             f"model path '{path}' resolves outside the models root '{models_root}'"
@@ -138,7 +142,8 @@ class ModelFiles:
 
     def _locate(self, record: ModelRecord) -> LocalModel:
         full = resolve_model_path(self.models_root, record.path)
-        scope = FileScope.at(self.models_root, self.max_file_bytes)
+        # The root resolved once, as resolve_model_path resolves it (_real_root).
+        scope = FileScope(_real_root(str(self.models_root)), max(0, self.max_file_bytes))
         if not os.path.lexists(full):
             raise StorageError(f"model file '{record.path}' not found under the models root")
         return LocalModel(scope.check_tree(full), scope)
