@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -20,12 +21,81 @@ class ModelLoader(Protocol):
 
     def load(self, record: ModelRecord) -> LoadedModel: ...
 
+    # Optional: ``inline(record) -> bool``, whether ``record``'s files are on local disk
+    # (nothing to fetch), so that a small, quick load may run on the event loop.
+
 
 def predict_then_load(loader: ModelLoader, record: ModelRecord,
-                      budget: int) -> tuple[int, LoadedModel | None]:
-    """(predicted size, the model loaded if that size is within ``budget``); in a thread."""
+                      budget: int) -> tuple[int, LoadedModel | None, int]:
+    """(predicted size, the model loaded if that size is within ``budget``, the thread CPU
+    ns the load took); in a thread."""
     predicted = loader.predict_size(record)
-    return predicted, loader.load(record) if predicted <= budget else None
+    if predicted > budget:
+        return predicted, None, 0
+    begun = time.thread_time_ns()
+    model = loader.load(record)
+    return predicted, model, time.thread_time_ns() - begun
+
+
+#: Models of at most this size (bytes in memory) may load on the event loop...
+INLINE_LOAD_BYTES = 1 << 20
+#: ...when small models of their format have lately loaded in less than this.
+INLINE_LOAD_NS = 1_000_000
+
+
+class LoadTimes:
+    """How long small models of each format take to load: whether one may load inline.
+
+    A model of at most ``INLINE_LOAD_BYTES`` whose files are on local disk
+    (``ModelLoader.inline``), of a format whose small models have lately loaded in
+    under ``INLINE_LOAD_NS``, is loaded on the event loop. A thread hop costs more
+    than such a load (a 110 KB forest unpickles in 0.2 ms), and a loading thread that
+    competes for the GIL with a busy event loop waits up to the switch interval
+    (5 ms) after each system call it makes: a load of a dozen system calls then took
+    tens of milliseconds while the model's requests waited for it. The first load of
+    each format, and loads that became slow, run in a thread.
+    """
+
+    def __init__(self) -> None:
+        self._small_ns: dict[str, int] = {}  # moving average, by model type
+
+    def may_inline(self, loader: ModelLoader, record: ModelRecord, predicted: int) -> bool:
+        """Whether ``record`` may load on the event loop (``modelmesh.cache.local``)."""
+        if predicted > INLINE_LOAD_BYTES:
+            return False
+        typical = self._small_ns.get(record.model_type, 0)
+        if not 0 < typical < INLINE_LOAD_NS:
+            return False
+        inline = getattr(loader, "inline", None)
+        return inline is not None and bool(inline(record))
+
+    async def load(self, loader: ModelLoader, record: ModelRecord, inline: bool,
+                   executor: Executor) -> LoadedModel:
+        """``loader.load(record)``, here (``inline``) or in ``executor``; timed."""
+        if inline:
+            begun = time.perf_counter_ns()
+            model = loader.load(record)
+            took = time.perf_counter_ns() - begun
+        else:
+            model, took = await asyncio.get_running_loop().run_in_executor(
+                executor, timed_load, loader, record)
+        self.note(record, model, took)
+        return model
+
+    def note(self, record: ModelRecord, model: LoadedModel, ns: int) -> None:
+        """A load's time: its thread's CPU, or the event loop's wall time inline."""
+        if model.size_bytes > INLINE_LOAD_BYTES:
+            return
+        seen = self._small_ns.get(record.model_type, 0)
+        self._small_ns[record.model_type] = ns if not seen else (seen * 7 + ns) // 8
+
+
+def timed_load(loader: ModelLoader, record: ModelRecord) -> tuple[LoadedModel, int]:
+    """``loader.load(record)`` in a thread, and the CPU time it took there: what it would
+    cost the event loop (its wall time would count waits for the GIL too)."""
+    begun = time.thread_time_ns()
+    model = loader.load(record)
+    return model, time.thread_time_ns() - begun
 
 
 def size_phrase(measured: int, predicted: int) -> str:

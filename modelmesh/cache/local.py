@@ -6,30 +6,25 @@ Rules the cache keeps:
   request pins the copy like a request in flight, so no other load's room-making
   can evict it before the waiters run; a waiter that gives up unpins it);
 - at most ``max_concurrent_loads`` loads run at a time;
-- the bytes of loaded and loading models never exceed ``capacity_bytes``, at any
-  await point: a load reserves its predicted size before it starts, and when the
-  measured size is larger, the difference is made room for before it is counted;
-  room is made by evicting models that no request is using, in the order the
-  placement policy's ``evict`` gives (lowest retention priority first; least
-  recently used first when no policy is set);
-- a model in use is never evicted; a load that needs their bytes waits for them
-  (up to ``space_wait``) before it starts. A model that turns out larger than
-  predicted is not held in memory beyond the capacity while waiting: it is
-  unloaded again and the load fails transiently (``CapacityExceeded``, retried by
-  the next request, which reserves the measured size up front);
-- a model larger than the capacity is refused (``CapacityExceeded``): before loading
-  when its predicted or measured size says so, after loading when its measured
-  size does; the measured size is kept with the failure and sent with the FAILED
-  event, so the next attempt is refused before loading;
-- a failed load is remembered for ``failure_ttl`` seconds: requests in that window
-  get the same failure (same error class) at once instead of retrying the load in
-  a tight loop; a failure that may pass on its own (no room right now) is not;
-- a model that is unloaded while it loads is still served to the requests waiting
-  for it, then unloaded when they finish; ``forget`` also drops every per-model
-  record (use history, remembered failure), so models that come and go leave
-  nothing behind.
+- the bytes of loaded and loading models never exceed ``capacity_bytes`` at any
+  await point: a load reserves its predicted size before it starts, and a larger
+  measured size is made room for before it is counted, by evicting models no
+  request uses, in the placement policy's ``evict`` order (least recently used
+  first without a policy);
+- a model in use is never evicted; a load that needs its bytes waits (up to
+  ``space_wait``) before it starts. A model larger than predicted is not held
+  beyond the capacity meanwhile: it is unloaded and the load fails transiently
+  (``CapacityExceeded``; the next request reserves the measured size up front);
+- a model larger than the capacity is refused (``CapacityExceeded``) before loading
+  when its predicted or measured size says so, else after; the measured size goes
+  with the failure (and the FAILED event), so the next attempt is refused up front;
+- a failed load is remembered for ``failure_ttl`` seconds (its error returned at
+  once, no retry loop), unless it may pass on its own (no room right now);
+- a model unloaded while it loads still serves the requests waiting for it, then
+  goes; ``forget`` also drops its use history and remembered failure.
 
-Loading and unloading run in a thread pool; the event loop only does bookkeeping.
+Loading and unloading run in a thread pool; the event loop only does bookkeeping,
+except for small local models that load quickly (``entries.LoadTimes``).
 """
 
 from __future__ import annotations
@@ -42,9 +37,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from modelmesh.cache.entries import (
+    INLINE_LOAD_BYTES,
     CacheEntry,
     CacheEvent,
     EventKind,
+    LoadTimes,
     ModelLoader,
     UnloadReason,
     Usage,
@@ -61,6 +58,7 @@ __all__ = ["CacheEntry", "CacheEvent", "EventKind", "ModelCache", "ModelLoader",
            "UnloadReason", "Usage"]
 
 log = logging.getLogger(__name__)
+
 
 
 class ModelCache:
@@ -104,7 +102,7 @@ class ModelCache:
         #: Entries by state, kept as they change (every cache event reports them).
         self._by_state = dict.fromkeys(CopyState, 0)
         self._memory: Memory | None = None
-        self._memory_at = 0.0
+        self._memory_at, self._load_times = 0.0, LoadTimes()
 
     # -- queries ----------------------------------------------------------------
 
@@ -254,7 +252,11 @@ class ModelCache:
                 started = time.perf_counter()
                 # A size measured here before beats any estimate.
                 predicted = entry.measured or record.size_estimate
-                if not predicted:
+                inline = self._load_times.may_inline(self.loader, record, predicted)
+                if not predicted and inline:  # local files: a stat and a few bytes read
+                    predicted = self.loader.predict_size(record)
+                    inline = predicted <= INLINE_LOAD_BYTES
+                elif not predicted:
                     predicted, model = await self._predict_and_load(entry, record)
                 if predicted > self.capacity_bytes:
                     raise CapacityExceeded(
@@ -264,7 +266,8 @@ class ModelCache:
                 if model is None:
                     await self._make_room(predicted, entry)
                     self._resize(entry, predicted)
-                    model = await loop.run_in_executor(self._executor, self.loader.load, record)
+                    model = await self._load_times.load(self.loader, record, inline,
+                                                        self._executor)
                 measured = entry.measured = max(int(model.size_bytes), 1)
                 self._fit_measured(entry, predicted)
                 entry.model = model
@@ -303,23 +306,22 @@ class ModelCache:
 
     async def _predict_and_load(self, entry: CacheEntry,
                                 record: ModelRecord) -> tuple[int, LoadedModel | None]:
-        """(predicted size, the model if loaded too): one thread hop instead of two.
-
-        Loaded in the hop that predicts its size when that fits the bytes held for it
-        meanwhile (half the free bytes, at most an eighth of the capacity; held apart
-        from the used bytes an instance record shows); else, nearly full, the load
-        makes room for the size that came back as every load does."""
+        """(predicted size, the model if loaded too): one thread hop, not two. Loaded
+        with the prediction if that fits the bytes held meanwhile (half the free bytes, at
+        most an eighth of the capacity; apart from the used bytes instance records show);
+        else, nearly full, the load makes room for that size as every load does."""
         free = self.capacity_bytes - self._used - self._held
         budget = max(0, min(free // 2, self.capacity_bytes // 8))
         self._held += budget
         try:
-            predicted, model = await asyncio.get_running_loop().run_in_executor(
+            predicted, model, took = await asyncio.get_running_loop().run_in_executor(
                 self._executor, predict_then_load, self.loader, record, budget)
         finally:
             self._held -= budget
             self._space_freed.set()
         if model is not None:
             self._resize(entry, predicted)  # within the bytes just let go of
+            self._load_times.note(record, model, took)
         return predicted, model
 
     def _fit_measured(self, entry: CacheEntry, predicted: int) -> None:
@@ -495,3 +497,4 @@ class ModelCache:
             await asyncio.gather(*self._unloads, return_exceptions=True)
         if self._own_executor:
             self._executor.shutdown(wait=True)
+

@@ -34,6 +34,10 @@ class EmbeddedLoader:
         """The model's files on local disk for the duration of a ``with`` block."""
         return self.files.local_files(record)
 
+    def inline(self, record: ModelRecord) -> bool:
+        """Whether the model's files are read where they are (nothing to download)."""
+        return self.files.is_local(record)
+
     def predict_size(self, record: ModelRecord) -> int:
         return self.files.predict_size(record, runtime_for(record).predict_size)
 

@@ -140,6 +140,10 @@ class ModelFiles:
             raise StorageError(f"{source}: this loader has no storage configured")
         return self.puller
 
+    def is_local(self, record: ModelRecord) -> bool:
+        """Whether the model is read from under the models root (not pulled from storage)."""
+        return self._source(record) is None
+
     def _locate(self, record: ModelRecord) -> LocalModel:
         full = resolve_model_path(self.models_root, record.path)
         # The root resolved once, as resolve_model_path resolves it (_real_root).

@@ -273,3 +273,64 @@ async def test_size_and_load_in_one_hop_when_it_fits_else_room_made_first() -> N
         assert [c[0] for c in calls] == ["predict", "load"] and cache.used_bytes <= 700
     finally:
         await cache.close()
+
+
+class LocalLoader(StandInLoader):
+    """A stand-in whose models are all on local disk (``inline``), recording the thread
+    each load ran on; ``slow`` models take that long to load (seconds of thread CPU)."""
+
+    def __init__(self, sizes: dict[str, int], slow: dict[str, float] | None = None,
+                 local: bool = True) -> None:
+        super().__init__(sizes)
+        self.slow = slow or {}
+        self.local = local
+        self.threads: dict[str, int] = {}
+
+    def inline(self, record: ModelRecord) -> bool:
+        return self.local
+
+    def load(self, record: ModelRecord) -> LoadedModel:
+        self.threads[record.model_id] = threading.get_ident()
+        end = time.thread_time() + self.slow.get(record.model_id, 0.0)
+        while time.thread_time() < end:  # CPU, as an unpickle takes it
+            pass
+        return super().load(record)
+
+
+async def test_small_local_models_load_on_the_event_loop_once_their_kind_is_quick() -> None:
+    loop_thread = threading.get_ident()
+    loader = LocalLoader({"first": 100, "second": 100, "big": 2 << 20, "third": 100})
+    cache = ModelCache(10 << 20, loader)
+    for model_id in ("first", "second", "big", "third"):
+        await use(cache, model_id)
+    assert loader.threads["first"] != loop_thread  # its kind's first load: measured in a thread
+    assert loader.threads["second"] == loop_thread
+    assert loader.threads["big"] != loop_thread  # over INLINE_LOAD_BYTES
+    assert loader.threads["third"] == loop_thread
+    assert all(cache.is_loaded(m) for m in loader.threads)
+
+
+async def test_remote_or_slow_loads_stay_in_threads() -> None:
+    loop_thread = threading.get_ident()
+    remote = LocalLoader({"a": 100, "b": 100}, local=False)
+    cache = ModelCache(1 << 20, remote)
+    await use(cache, "a")
+    await use(cache, "b")
+    assert loop_thread not in remote.threads.values()
+
+    # A kind whose loads took 5 ms of CPU: every load of it goes to a thread.
+    slow = LocalLoader({"s1": 100, "s2": 100}, slow={"s1": 0.005, "s2": 0.005})
+    cache = ModelCache(1 << 20, slow)
+    await use(cache, "s1")
+    await use(cache, "s2")
+    assert loop_thread not in slow.threads.values()
+
+    # A loader without the capability (the remote runtimes' loaders) never loads inline.
+    plain = StandInLoader({"p1": 100, "p2": 100})
+    cache = ModelCache(1 << 20, plain)
+    seen = []
+    original = plain.load
+    plain.load = lambda record: seen.append(threading.get_ident()) or original(record)
+    await use(cache, "p1")
+    await use(cache, "p2")
+    assert loop_thread not in seen and len(seen) == 2

@@ -413,3 +413,29 @@ def test_a_file_larger_than_the_model_memory_is_refused_unread(root):
     refused(lambda: loader(root, max_file_bytes=1 << 20).load(
         ModelRecord("m", "identity", "big.json")), CapacityExceeded,
         Code.RESOURCE_EXHAUSTED, "67108864 bytes, more than the 1048576 bytes")
+
+
+def test_real_path_agrees_with_os_path_realpath(tmp_path):
+    """The kernel's resolution (``storage.paths.real_path``) and Python's strict realpath
+    agree on files, directories, chains of links, relative links, ``..`` after a link,
+    and refuse the same missing, looping and through-a-file paths."""
+    from modelmesh.storage.paths import real_path
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "f.pkl").write_bytes(b"x")
+    (tmp_path / "link-dir").symlink_to(tmp_path / "a")
+    (tmp_path / "a" / "rel").symlink_to("b/f.pkl")
+    (tmp_path / "chain").symlink_to(tmp_path / "a" / "rel")
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    for path in ["a/b/f.pkl", "a/b", "link-dir/b/f.pkl", "a/rel", "chain", "link-dir/b/..",
+                 "link-dir/../a/b/./f.pkl", "."]:
+        full = str(tmp_path / path)
+        assert real_path(full) == os.path.realpath(full, strict=True), path
+    for bad in ["missing", "a/b/missing", "loop1", "a/b/f.pkl/below"]:
+        full = str(tmp_path / bad)
+        with pytest.raises(OSError) as ours:
+            real_path(full)
+        with pytest.raises(OSError) as theirs:
+            os.path.realpath(full, strict=True)
+        assert type(ours.value) is type(theirs.value), bad
