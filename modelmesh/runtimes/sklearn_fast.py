@@ -89,14 +89,20 @@ def _as_tree_input(x: np.ndarray, n: int) -> np.ndarray | None:
     return x32 if np.isfinite(x32).all() else None
 
 
+def _tree_classes() -> tuple[Any, Any, Any, Any]:
+    """scikit-learn's (DecisionTreeClassifier, ExtraTreeClassifier, DecisionTreeRegressor,
+    ExtraTreeRegressor)."""
+    from sklearn import tree
+
+    return (tree.DecisionTreeClassifier, tree.ExtraTreeClassifier, tree.DecisionTreeRegressor,
+            tree.ExtraTreeRegressor)
+
+
 def _forest(est: Any) -> Fast | None:
     from sklearn.ensemble._forest import ForestClassifier, ForestRegressor
-    from sklearn.tree import (
-        DecisionTreeClassifier,
-        DecisionTreeRegressor,
-        ExtraTreeClassifier,
-        ExtraTreeRegressor,
-    )
+
+    DecisionTreeClassifier, ExtraTreeClassifier, DecisionTreeRegressor, ExtraTreeRegressor = \
+        _tree_classes()  # noqa: N806 - the classes' own names
 
     cls = type(est)
     trees = list(getattr(est, "estimators_", ()))
@@ -148,13 +154,10 @@ def _forest(est: Any) -> Fast | None:
 
 
 def _tree(est: Any) -> Fast | None:
-    from sklearn.tree import (
-        DecisionTreeClassifier,
-        DecisionTreeRegressor,
-        ExtraTreeClassifier,
-        ExtraTreeRegressor,
-    )
     from sklearn.tree._classes import BaseDecisionTree
+
+    DecisionTreeClassifier, ExtraTreeClassifier, DecisionTreeRegressor, ExtraTreeRegressor = \
+        _tree_classes()  # noqa: N806 - the classes' own names
 
     cls = type(est)
     if cls not in (DecisionTreeClassifier, ExtraTreeClassifier, DecisionTreeRegressor,

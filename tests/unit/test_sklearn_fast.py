@@ -70,10 +70,8 @@ def _same(fast: np.ndarray, own: np.ndarray) -> None:
     np.testing.assert_array_equal(fast, own)
 
 
-@pytest.mark.parametrize("make", CLASSIFIERS)
-@pytest.mark.parametrize("labels", list(LABELS))
-def test_classifiers_answer_as_scikit_learn_does(make, labels):
-    est = make().fit(X, LABELS[labels])
+def _labels_agree(est):
+    """The fast path of ``est``, after checking its predict() answers on every input."""
     fast = fast_predictor(est)
     assert fast is not None, type(est).__name__
     for x in INPUTS:
@@ -81,6 +79,15 @@ def test_classifiers_answer_as_scikit_learn_does(make, labels):
         assert got is not None
         _same(got[0], est.predict(x))
         assert got[1] is None
+    return fast
+
+
+@pytest.mark.parametrize("make", CLASSIFIERS)
+@pytest.mark.parametrize("labels", list(LABELS))
+def test_classifiers_answer_as_scikit_learn_does(make, labels):
+    est = make().fit(X, LABELS[labels])
+    fast = _labels_agree(est)
+    for x in INPUTS:
         with_proba = fast(x, True)
         if hasattr(est, "predict_proba") and with_proba is not None:  # trees and forests
             assert with_proba[1] is not None
@@ -90,13 +97,7 @@ def test_classifiers_answer_as_scikit_learn_does(make, labels):
 
 @pytest.mark.parametrize("make", REGRESSORS)
 def test_regressors_answer_as_scikit_learn_does(make):
-    est = make().fit(X, Y_REG)
-    fast = fast_predictor(est)
-    assert fast is not None, type(est).__name__
-    for x in INPUTS:
-        got = fast(x, False)
-        assert got is not None
-        _same(got[0], est.predict(x))
+    _labels_agree(make().fit(X, Y_REG))
 
 
 def test_linear_classifiers_leave_probabilities_to_scikit_learn():
