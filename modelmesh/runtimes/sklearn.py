@@ -23,7 +23,9 @@ without copying its arrays) and the same line applied; before the load it is
 guessed at 5x the file (typical zlib/lzma ratio on float arrays).
 
 ``predict`` only reads the fitted estimator, which scikit-learn estimators
-allow from several threads at once.
+allow from several threads at once. Linear classifiers, decision trees and
+random/extra forests predict through ``sklearn_fast`` (the same answers without
+scikit-learn's per-call validation); everything else through the estimator.
 """
 
 from __future__ import annotations
