@@ -16,6 +16,7 @@ Rules kept here so every figure is comparable:
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -285,6 +286,11 @@ async def drive(endpoint: str, model: str | Callable[[], str],
     try:
         for _ in range(warmup):
             await client.infer(pick(), infer_inputs, outputs=wanted, headers=headers)
+        # Out of the collector's reach before timing: a full collection of this process
+        # (the harness, with its results so far) took up to 120 ms under churn, a stall
+        # every server's p99 would have shown.
+        gc.collect()
+        gc.freeze()
         latencies: list[float] = []
         errors = 0
         stop_at = time.perf_counter() + seconds
