@@ -287,7 +287,7 @@ async def drive(endpoint: str, model: str | Callable[[], str],
         for _ in range(warmup):
             await client.infer(pick(), infer_inputs, outputs=wanted, headers=headers)
         # Out of the collector's reach before timing: a full collection of this process
-        # (the harness, with its results so far) took up to 120 ms under churn, a stall
+        # (the harness, with its results so far) took up to 75 ms under churn, a stall
         # every server's p99 would have shown.
         gc.collect()
         gc.freeze()
