@@ -29,7 +29,6 @@ DEFAULT_ENDPOINT = "localhost:8033"
 #: Allocations of at least this many bytes come straight from mmap (see ``_bound_heap``).
 MMAP_THRESHOLD = 1 << 20
 
-
 #: How long a thread holds the GIL while another waits for it (Python's default: 5 ms).
 #: grpc.aio's poller thread must take the GIL to hand each completion to the event
 #: loop, and a loading or predicting thread takes it back after every system call: with
@@ -61,6 +60,12 @@ def _bound_heap() -> None:
     mallopt(m_mmap_threshold, MMAP_THRESHOLD)
 
 
+def _tune_process() -> None:
+    """What a server process sets for itself: the heap bound and the GIL's interval."""
+    _bound_heap()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+
 # -- serve ----------------------------------------------------------------------------
 
 
@@ -80,8 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("aetcd").setLevel(logging.WARNING)
-    _bound_heap()
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    _tune_process()
 
     async def main() -> int:
         instance = MeshInstance(settings)
@@ -116,8 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _runtime(args: argparse.Namespace) -> int:
-    _bound_heap()
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    _tune_process()
     return runtime_server.main(args)
 
 

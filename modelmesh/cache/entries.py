@@ -32,9 +32,8 @@ def predict_then_load(loader: ModelLoader, record: ModelRecord,
     predicted = loader.predict_size(record)
     if predicted > budget:
         return predicted, None, 0
-    begun = time.thread_time_ns()
-    model = loader.load(record)
-    return predicted, model, time.thread_time_ns() - begun
+    model, took = timed_load(loader, record)
+    return predicted, model, took
 
 
 #: Models of at most this size (bytes in memory) may load on the event loop...

@@ -37,7 +37,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from modelmesh.cache.entries import (
-    INLINE_LOAD_BYTES,
     CacheEntry,
     CacheEvent,
     EventKind,
@@ -58,7 +57,6 @@ __all__ = ["CacheEntry", "CacheEvent", "EventKind", "ModelCache", "ModelLoader",
            "UnloadReason", "Usage"]
 
 log = logging.getLogger(__name__)
-
 
 
 class ModelCache:
@@ -102,7 +100,8 @@ class ModelCache:
         #: Entries by state, kept as they change (every cache event reports them).
         self._by_state = dict.fromkeys(CopyState, 0)
         self._memory: Memory | None = None
-        self._memory_at, self._load_times = 0.0, LoadTimes()
+        self._memory_at = 0.0
+        self._load_times = LoadTimes()  # which loads may run on the event loop
 
     # -- queries ----------------------------------------------------------------
 
@@ -255,7 +254,7 @@ class ModelCache:
                 inline = self._load_times.may_inline(self.loader, record, predicted)
                 if not predicted and inline:  # local files: a stat and a few bytes read
                     predicted = self.loader.predict_size(record)
-                    inline = predicted <= INLINE_LOAD_BYTES
+                    inline = self._load_times.may_inline(self.loader, record, predicted)
                 elif not predicted:
                     predicted, model = await self._predict_and_load(entry, record)
                 if predicted > self.capacity_bytes:

@@ -189,15 +189,13 @@ class SklearnModel(LoadedModel):
         return tuple(specs)
 
     def _run(self, x: np.ndarray, proba: bool = True) -> list[Tensor]:
-        want_proba = proba and self.has_proba
-        fast = self._fast(x, want_proba) if self._fast is not None else None
-        if fast is not None:  # the same answers as below (sklearn_fast)
-            labels, probabilities = fast
-            if want_proba and probabilities is not None:
-                return [tabular.output(tabular.PREDICT, labels),
-                        tabular.output(tabular.PREDICT_PROBA, probabilities)]
-            if not want_proba:
-                return [tabular.output(tabular.PREDICT, labels)]
+        fast = self._fast(x, proba and self.has_proba) if self._fast is not None else None
+        if fast is not None:  # the same answers as below (sklearn_fast): probabilities
+            labels, probabilities = fast  # when asked for, else None
+            outputs = [tabular.output(tabular.PREDICT, labels)]
+            if probabilities is not None:
+                outputs.append(tabular.output(tabular.PREDICT_PROBA, probabilities))
+            return outputs
         outputs = [tabular.output(tabular.PREDICT, self.estimator.predict(x))]
         if proba and self.has_proba:
             outputs.append(tabular.output(tabular.PREDICT_PROBA, self.estimator.predict_proba(x)))

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-#: ``(matrix, want_proba) -> (predict, predict_proba or None)``, or None where the
-#: estimator's own methods must answer this input.
+#: ``(matrix, want_proba) -> (predict, predict_proba when wanted else None)``, or None
+#: where the estimator's own methods must answer this input (or these outputs).
 Fast = Callable[[np.ndarray, bool], "tuple[np.ndarray, np.ndarray | None] | None"]
 
 
