@@ -11,7 +11,9 @@ batches served on average at least two requests); otherwise it closes as soon as
 already ready in the event loop have joined it (one loop turn, served by the request
 that opened it), and while even that has not been finding company a request runs at
 once, so a lone client pays nothing but an occasional probe (one batch in
-``PROBE_EVERY``). Only models that declare
+``PROBE_EVERY``). A model starts without that evidence: its first batches do not
+wait (so a cold model's first request does not wait for company either), and its
+``FIRST_PROBE``-th does, to learn early whether waiting pays. Only models that declare
 row-wise outputs (``LoadedModel.batchable``) and requests without parameters are
 merged; a batch whose outputs cannot be split by rows, or that the model rejects,
 is run again one request at a time, so every request gets exactly the answer (or
@@ -42,6 +44,9 @@ SMALL_MODEL_BYTES = 1 << 20
 #: When waiting has not been paying off, one batch opening in this many waits anyway,
 #: to notice that traffic has picked up.
 PROBE_EVERY = 256
+#: A model's first batches do not wait (a cold model's first request would pay the
+#: whole delay for company that is usually not there); this one waits, to find out.
+FIRST_PROBE = 16
 #: Below this moving average of company, a batch that would not wait is not opened at
 #: all (a lone caller's requests run at once); ``PROBE_EVERY`` still opens one.
 LONE = 0.01
@@ -81,7 +86,8 @@ class _Pending:
 class _Traffic:
     """Per model: has waiting for company been paying off lately?"""
 
-    company: float = 1.0  # moving average of (requests - 1) in batches that waited
+    #: Moving average of (requests - 1) in batches that waited; none has yet.
+    company: float = 0.0
     #: The same over batches that did not wait (those that joined in one loop turn).
     ready_company: float = 1.0
     openings: int = 0
@@ -138,7 +144,7 @@ class Batcher:
             if traffic is None:
                 traffic = self._traffic[model_id] = _Traffic()
             traffic.openings += 1
-            probe = traffic.openings % PROBE_EVERY == 0
+            probe = traffic.openings % PROBE_EVERY == 0 or traffic.openings == FIRST_PROBE
             wait = self.max_delay > 0 and (traffic.company >= 1.0 or probe)
             pending = self._pending[full_key] = _Pending()
             if not wait:

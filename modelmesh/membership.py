@@ -8,9 +8,12 @@
 - Copy records follow the cache's events (loading, loaded, failed, unloaded),
   are bound to the lease and written by one publisher task, so a dead
   instance's copies vanish with its lease. The publisher gathers what changed
-  for up to 20 ms and writes it in one transaction: under churn a load
-  and the evictions that made room for it are one etcd write, not three, and a
-  quick load's LOADING and LOADED states are one.
+  for 20 ms and writes it in one transaction: a load and the evictions that made
+  room for it are one etcd write, not three, and a quick load's LOADING and
+  LOADED states are one. Under sustained churn writes are at least
+  ``BUSY_GAP_S`` apart (so one carries many loads; each etcd write costs etcd
+  about a millisecond of CPU), while a change after a quiet spell still goes out
+  within 20 ms. The instance record is paced the same way.
 - A model's measured size and its use at eviction are written back to the
   model record (placement elsewhere values unloaded models by them), gathered
   for up to ``USE_GATHER_S`` and written together; nothing on a request's or a
@@ -36,12 +39,12 @@ from modelmesh.registry.store import MAX_TXN_OPS, Registry, now_ms
 
 log = logging.getLogger(__name__)
 
-#: Shortest gap between two instance records (coalesces bursts of cache events).
-INSTANCE_MIN_GAP_S = 0.02
 #: The instance record is refreshed at least this often (load figures drift).
 INSTANCE_REFRESH_S = 5.0
-#: How long the copy publisher gathers changes before one write.
+#: How long the copy publisher (and the instance record) gathers changes before one write.
 COPY_GATHER_S = 0.02
+#: Under sustained change, the shortest gap between two writes of either kind.
+BUSY_GAP_S = 0.1
 #: How long uses and sizes to write back are gathered (placement elsewhere reads
 #: them only for models that are not loaded: they need not be fresh).
 USE_GATHER_S = 1.0
@@ -116,11 +119,15 @@ class Membership:
 
     async def _refresh_instance(self) -> None:
         last: InstanceRecord | None = None
+        written = 0.0  # monotonic time of the last write
         while True:
             try:
                 await asyncio.wait_for(self._instance_dirty.wait(), INSTANCE_REFRESH_S)
             except TimeoutError:
                 pass
+            # Under churn every load and eviction marks the record dirty: coalesce
+            # bursts, but briefly, since placement elsewhere reads used bytes from it.
+            await _paced(written)
             self._instance_dirty.clear()
             rec = self.instance_record()
             self.metrics.registered_models.set(len(self.registry.models))
@@ -128,14 +135,12 @@ class Membership:
             self.metrics.lru_age_seconds.set(time.monotonic() - lru if lru else 0)
             if last is not None and rec == last:
                 continue
+            written = time.monotonic()
             try:
                 await self.registry.put_instance(rec, self.node.lease)
                 last = rec
             except Unavailable:
                 await asyncio.sleep(1.0)
-            # Under churn every load and eviction marks the record dirty: coalesce
-            # bursts, but briefly, since placement elsewhere reads used bytes from it.
-            await asyncio.sleep(INSTANCE_MIN_GAP_S)
 
     async def _keepalive(self) -> None:
         """Keep the lease alive; after losing it (etcd down too long) re-create and republish."""
@@ -216,10 +221,12 @@ class Membership:
 
     async def _publish_copies(self) -> None:
         me = self.node.instance_id
+        written = 0.0  # monotonic time of the last write
         while True:
             await self._publish.wait()
-            await asyncio.sleep(COPY_GATHER_S)  # a burst of events becomes one write
+            await _paced(written)  # a burst of events becomes one write
             self._publish.clear()
+            written = time.monotonic()
             while self._dirty:
                 batch = [self._dirty.pop() for _ in range(min(len(self._dirty), MAX_TXN_OPS))]
                 puts, deletes = [], []
@@ -235,3 +242,8 @@ class Membership:
                 except Unavailable:
                     self._dirty.update(batch)
                     await asyncio.sleep(0.5)
+
+
+async def _paced(written: float) -> None:
+    """Wait until ``COPY_GATHER_S`` from now and ``BUSY_GAP_S`` after ``written``."""
+    await asyncio.sleep(max(COPY_GATHER_S, written + BUSY_GAP_S - time.monotonic()))

@@ -46,16 +46,15 @@ def model_file(path: Path, model_type: str, suffixes: tuple[str, ...],
     none and the directory holds exactly one regular file, that file is used.
     The file is returned resolved, after ``scope`` (default: the model's own
     directory) has checked it: under its root, a regular file, not too large.
-    Open it with ``scope.open`` / ``scope.read_bytes``.
+    Open it with ``scope.open`` / ``scope.read_bytes`` (``resolved=True``: it need not
+    be resolved again).
     """
     scope = scope or FileScope.of_model(path)
     if not os.path.lexists(path):
         raise BadModelFile(f"model path {path} does not exist")
     real = scope.resolve(path)
-    if os.path.isfile(real):
-        return scope.regular_file(real)
-    if not os.path.isdir(real):
-        return scope.regular_file(real)  # says what it is instead (a FIFO, a device)
+    if not os.path.isdir(real):  # a file, or what it is instead (a FIFO, a device) is said
+        return scope.regular_file(real, resolved=True)
     try:
         with os.scandir(real) as entries:
             files = sorted(Path(e.path) for e in entries

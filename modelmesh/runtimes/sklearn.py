@@ -79,8 +79,8 @@ class SklearnRuntime(Runtime):
         scope = scope or FileScope.of_model(path)
         size = total_size(path, scope)
         try:
-            compressed = is_compressed(
-                scope.read_head(model_file(path, self.model_type, SUFFIXES, scope)))
+            compressed = is_compressed(scope.read_head(
+                model_file(path, self.model_type, SUFFIXES, scope), resolved=True))
         except BadModelFile:
             compressed = False  # load will report the problem; this is only an estimate
         return int(size * COMPRESSED_FACTOR) if compressed else memory_bytes(size)
@@ -89,7 +89,8 @@ class SklearnRuntime(Runtime):
         scope = scope or FileScope.of_model(path)
         with load_failures(model_id, self.model_type, path):
             file = model_file(path, self.model_type, SUFFIXES, scope)
-        with load_failures(model_id, self.model_type, file), scope.open(file) as f:
+        with load_failures(model_id, self.model_type, file), \
+                scope.open(file, resolved=True) as f:  # model_file resolved and checked it
             joblib = require("joblib", self.model_type)
             head = f.read(64)
             compressed = is_compressed(head)
@@ -98,7 +99,8 @@ class SklearnRuntime(Runtime):
                     f"{file.name} is not a joblib or pickle file; it looks like "
                     f"{looks_like(head)}. Is it registered with the wrong model type?"
                 )
-            data = head + f.read()
+            f.seek(0)  # the file whole in one buffer (not the head and the rest joined)
+            data = f.read()
             try:
                 estimator = _unpickle(joblib, data, compressed)
             except (EOFError, pickle.UnpicklingError) as exc:

@@ -43,6 +43,11 @@ def resolve_model_path(models_root: Path, path: str) -> Path:
     This checks the registered path only; the files a load opens are checked
     again, each of them (``ModelFiles``, ``modelmesh.storage.paths``).
     """
+    return _resolve_model_path(models_root, path)[0]
+
+
+def _resolve_model_path(models_root: Path, path: str) -> tuple[Path, bool]:
+    """``resolve_model_path``, and whether the path exists (then it is fully resolved)."""
     if not path:
         raise InvalidArgument("model path must not be empty")
     check_path_text(path)
@@ -58,14 +63,15 @@ def resolve_model_path(models_root: Path, path: str) -> Path:
     root = _real_root(str(models_root))
     joined = raw if os.path.isabs(raw) else os.path.join(root, raw)
     try:
-        full = real_path(joined)  # the kernel's answer, for a path that exists
+        full, exists = real_path(joined), True  # the kernel's answer, for a path that exists
     except OSError:
-        full = os.path.realpath(joined)  # what of it exists resolved, the rest as given
+        # What of it exists resolved, the rest as given.
+        full, exists = os.path.realpath(joined), False
     if full != root and not full.startswith(root.rstrip(os.sep) + os.sep):
         raise InvalidArgument(
             f"model path '{path}' resolves outside the models root '{models_root}'"
         )
-    return Path(full)
+    return Path(full), exists
 
 
 @functools.lru_cache(maxsize=16)
@@ -145,12 +151,12 @@ class ModelFiles:
         return self._source(record) is None
 
     def _locate(self, record: ModelRecord) -> LocalModel:
-        full = resolve_model_path(self.models_root, record.path)
+        full, exists = _resolve_model_path(self.models_root, record.path)
         # The root resolved once, as resolve_model_path resolves it (_real_root).
         scope = FileScope(_real_root(str(self.models_root)), max(0, self.max_file_bytes))
-        if not os.path.lexists(full):
+        if not exists and not os.path.lexists(full):
             raise StorageError(f"model file '{record.path}' not found under the models root")
-        return LocalModel(scope.check_tree(full), scope)
+        return LocalModel(scope.check_tree(full, resolved=exists), scope)
 
     @contextmanager
     def located(self, record: ModelRecord) -> Iterator[LocalModel]:

@@ -148,9 +148,11 @@ class FileScope:
             raise StorageError(f"'{shown}' resolves outside {self.label}; refusing to read it")
         return Path(real)
 
-    def regular_file(self, path: Path | str) -> Path:
-        """The resolved path of a regular file under the root (not a FIFO, device, directory)."""
-        real = self.resolve(path)
+    def regular_file(self, path: Path | str, *, resolved: bool = False) -> Path:
+        """The resolved path of a regular file under the root (not a FIFO, device, directory).
+
+        ``resolved``: ``path`` is what ``resolve`` just returned (not resolved again)."""
+        real = Path(path) if resolved else self.resolve(path)
         try:
             st = os.stat(real)
         except OSError as exc:
@@ -171,9 +173,12 @@ class FileScope:
 
     # -- opening --------------------------------------------------------------------
 
-    def open(self, path: Path | str) -> BinaryIO:
-        """Open a regular file under the root for reading (see the module docstring)."""
-        real = self.regular_file(path)
+    def open(self, path: Path | str, *, resolved: bool = False) -> BinaryIO:
+        """Open a regular file under the root for reading (see the module docstring).
+
+        ``resolved``: ``path`` is what ``resolve`` (or ``model_file``) just returned; it
+        is not resolved again (the opened file's own path is still checked)."""
+        real = self.regular_file(path, resolved=resolved)
         flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | \
             getattr(os, "O_CLOEXEC", 0)
         try:
@@ -198,25 +203,26 @@ class FileScope:
             raise StorageError(f"'{self.shown(path)}' moved outside {self.label} while being "
                                "opened; refusing to read it")
 
-    def read_bytes(self, path: Path | str) -> bytes:
-        with self.open(path) as f:
+    def read_bytes(self, path: Path | str, *, resolved: bool = False) -> bytes:
+        with self.open(path, resolved=resolved) as f:
             return f.read()
 
-    def read_head(self, path: Path | str, n: int = 64) -> bytes:
-        with self.open(path) as f:
+    def read_head(self, path: Path | str, n: int = 64, *, resolved: bool = False) -> bytes:
+        with self.open(path, resolved=resolved) as f:
             return f.read(n)
 
     # -- trees ----------------------------------------------------------------------
 
-    def check_tree(self, path: Path | str) -> Path:
+    def check_tree(self, path: Path | str, *, resolved: bool = False) -> Path:
         """Check a model's files before a runtime sees them; returns ``path`` resolved.
 
         A file must be regular; in a directory, at any depth, every entry must be a
         directory, a regular file, or a symlink whose target (resolved) is one of
         those under the root. A directory's files may be handed on whole (to an
-        external server's repository), so none may lead outside.
+        external server's repository), so none may lead outside. ``resolved``: as for
+        ``regular_file``.
         """
-        real = self.resolve(path)
+        real = Path(path) if resolved else self.resolve(path)
         try:
             st = os.stat(real)
         except OSError as exc:

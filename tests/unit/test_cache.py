@@ -310,6 +310,31 @@ async def test_small_local_models_load_on_the_event_loop_once_their_kind_is_quic
     assert all(cache.is_loaded(m) for m in loader.threads)
 
 
+class WaitingLoader(LocalLoader):
+    """A stand-in whose loads wait 10 ms (as a load waiting for the GIL or a slow disk
+    does) while taking next to no CPU."""
+
+    def load(self, record: ModelRecord) -> LoadedModel:
+        time.sleep(0.01)
+        return super().load(record)
+
+
+async def test_inline_loads_are_timed_by_their_cpu_not_their_wall_clock() -> None:
+    """Timed by the wall clock, the waiting load would count 10 ms, over INLINE_LOAD_NS,
+    and send its kind back to a thread; by its CPU it stays on the loop."""
+    loop_thread = threading.get_ident()
+    loader = WaitingLoader({"first": 100, "second": 100, "third": 100})
+    cache = ModelCache(1 << 20, loader)
+    try:
+        for model_id in ("first", "second", "third"):
+            await use(cache, model_id)
+    finally:
+        await cache.close()
+    assert loader.threads["first"] != loop_thread
+    assert loader.threads["second"] == loop_thread
+    assert loader.threads["third"] == loop_thread
+
+
 async def test_remote_or_slow_loads_stay_in_threads() -> None:
     loop_thread = threading.get_ident()
     remote = LocalLoader({"a": 100, "b": 100}, local=False)

@@ -262,6 +262,41 @@ async def test_a_lone_client_stops_waiting_for_company():
     assert model.calls == [1] * 10
 
 
+async def test_a_new_models_first_request_does_not_wait_for_company():
+    """A cold model's first request is served as soon as it is loaded: with a one-minute
+    batch delay, waiting for company would hold it a minute."""
+    import asyncio
+
+    model = RowModel()
+    record = ModelRecord("m", "identity", "m.json")
+    with ThreadPoolExecutor(2) as executor:
+        plane = plane_for(model, executor, max_batch_delay_ms=60_000)
+        response = await asyncio.wait_for(plane.infer(row_request(1.5), "m", record), 20)
+        await plane.cache.close()
+    assert values(response) == [3.0]
+
+
+async def test_a_model_learns_early_whether_waiting_for_company_pays():
+    """Its first batches do not wait; the FIRST_PROBE-th does, and finds the company the
+    pairs of requests bring, so later batches wait for it."""
+    import asyncio
+
+    from modelmesh.batching import FIRST_PROBE
+
+    model = RowModel()
+    record = ModelRecord("m", "identity", "m.json")
+    with ThreadPoolExecutor(2) as executor:
+        plane = plane_for(model, executor)
+        learned = []
+        for i in range(FIRST_PROBE):
+            await asyncio.gather(plane.infer(row_request(float(i)), "m", record),
+                                 plane.infer(row_request(float(i)), "m", record))
+            learned.append(plane.runner.batcher._traffic["m"].company)
+        await plane.cache.close()
+    assert learned[:-1] == [0.0] * (FIRST_PROBE - 1)  # none of those waited
+    assert learned[-1] > 0.0  # the probe waited and was joined
+
+
 async def test_a_load_slower_than_the_load_timeout_is_unavailable_and_unpinned():
     from modelmesh.errors import Unavailable
 

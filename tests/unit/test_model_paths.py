@@ -381,6 +381,18 @@ def test_a_fifo_or_a_device_is_refused_unread(root):
             Code.FAILED_PRECONDITION, "FIFO")
 
 
+def test_a_link_to_a_fifo_inside_the_root_is_refused_unread(root):
+    """The file ``model_file`` resolves is opened without resolving it again: a link to
+    a FIFO is still refused before anything is opened (it would block a reader)."""
+    (root / "m").mkdir()
+    os.mkfifo(root / "m" / "pipe")
+    (root / "m" / "model.joblib").symlink_to(root / "m" / "pipe")
+    refused(lambda: loader(root).load(ModelRecord("m", "sklearn", "m/model.joblib")),
+            StorageError, Code.FAILED_PRECONDITION, "FIFO")
+    refused(lambda: get_runtime("sklearn").load(root / "m" / "model.joblib", "m"),
+            StorageError, Code.FAILED_PRECONDITION, "FIFO")
+
+
 def test_a_directory_where_the_model_file_should_be(root):
     (root / "m" / "model.joblib").mkdir(parents=True)
     (root / "m" / "model.joblib" / "readme").write_text("not a model")
