@@ -42,6 +42,7 @@ from modelmesh.api import health, reflection
 from modelmesh.api.inference import InferenceServicer
 from modelmesh.api.ingress import Ingress
 from modelmesh.api.management import ExtensionsServicer, ModelMeshServicer
+from modelmesh.api.registered import HotMethodsOnly
 from modelmesh.cache.local import CacheEvent, EventKind, ModelCache
 from modelmesh.dataplane import DataPlane
 from modelmesh.demo import write_demo_models
@@ -302,17 +303,19 @@ class MeshInstance:
             if secured else None)
         service, handlers = inference.generic_handler()
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        # The other services' generated set-up registers their methods too: not here.
+        generic = HotMethodsOnly(server)
         if not secured:  # registered methods would bypass the ingress's interceptor
-            server.add_registered_method_handlers(service, handlers)
-        mm_grpc.add_ModelMeshServicer_to_server(management, server)
-        ext_grpc.add_ModelMeshExtensionsServicer_to_server(extensions, server)
+            generic.add_registered_method_handlers(service, handlers)
+        mm_grpc.add_ModelMeshServicer_to_server(management, generic)
+        ext_grpc.add_ModelMeshExtensionsServicer_to_server(extensions, generic)
         served = (service, mm_pb.DESCRIPTOR.services_by_name["ModelMesh"].full_name,
                   ext_pb.DESCRIPTOR.services_by_name["ModelMeshExtensions"].full_name)
         self._health = health.HealthService(served)
         await self._health.set_serving(False)  # until start-up ends (_set_readiness)
-        self._health.add_to(server)
+        self._health.add_to(generic)
         if s.grpc_reflection:
-            reflection.enable(server, (*served, health.SERVICE_NAME))
+            reflection.enable(generic, (*served, health.SERVICE_NAME))
         address = f"{s.host}:{s.port}"
         self.port = server.add_secure_port(address, self._tls.server_credentials()) \
             if self._tls is not None else server.add_insecure_port(address)

@@ -22,6 +22,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from modelmesh import __version__, codec
 from modelmesh._proto.mmesh import model_runtime_pb2 as rt
 from modelmesh._proto.mmesh import model_runtime_pb2_grpc as rt_grpc
+from modelmesh.api.registered import HotMethodsOnly
 from modelmesh.api.status import grpc_code, grpc_errors, status_of
 from modelmesh.batching import PredictionRunner
 from modelmesh.errors import (
@@ -214,9 +215,10 @@ class RuntimeServer:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ])
+        hot = HotMethodsOnly(server)  # registered with the core: ModelInfer and its stream
         rt_grpc.add_ModelRuntimeServicer_to_server(
-            ModelRuntimeServicer(self.models, s, self.executor), server)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, server)
+            ModelRuntimeServicer(self.models, s, self.executor), hot)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, hot)
         listen = s.listen
         if listen.startswith("unix:"):
             path = Path(listen.removeprefix("unix:").removeprefix("//"))
