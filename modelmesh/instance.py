@@ -303,19 +303,20 @@ class MeshInstance:
             if secured else None)
         service, handlers = inference.generic_handler()
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-        # The other services' generated set-up registers their methods too: not here.
-        generic = HotMethodsOnly(server)
+        # Generated set-up registers every method of a service with gRPC's core: through
+        # ``hot`` only ModelInfer and ModelStreamInfer are (``api.registered``).
+        hot = HotMethodsOnly(server)
         if not secured:  # registered methods would bypass the ingress's interceptor
-            generic.add_registered_method_handlers(service, handlers)
-        mm_grpc.add_ModelMeshServicer_to_server(management, generic)
-        ext_grpc.add_ModelMeshExtensionsServicer_to_server(extensions, generic)
+            hot.add_registered_method_handlers(service, handlers)
+        mm_grpc.add_ModelMeshServicer_to_server(management, hot)
+        ext_grpc.add_ModelMeshExtensionsServicer_to_server(extensions, hot)
         served = (service, mm_pb.DESCRIPTOR.services_by_name["ModelMesh"].full_name,
                   ext_pb.DESCRIPTOR.services_by_name["ModelMeshExtensions"].full_name)
         self._health = health.HealthService(served)
         await self._health.set_serving(False)  # until start-up ends (_set_readiness)
-        self._health.add_to(generic)
+        self._health.add_to(hot)
         if s.grpc_reflection:
-            reflection.enable(generic, (*served, health.SERVICE_NAME))
+            reflection.enable(hot, (*served, health.SERVICE_NAME))
         address = f"{s.host}:{s.port}"
         self.port = server.add_secure_port(address, self._tls.server_credentials()) \
             if self._tls is not None else server.add_insecure_port(address)

@@ -310,6 +310,15 @@ async def test_small_local_models_load_on_the_event_loop_once_their_kind_is_quic
     assert all(cache.is_loaded(m) for m in loader.threads)
 
 
+async def use_in_turn(cache: ModelCache, *model_ids: str) -> None:
+    """``use`` each model in turn, then close the cache."""
+    try:
+        for model_id in model_ids:
+            await use(cache, model_id)
+    finally:
+        await cache.close()
+
+
 class WaitingLoader(LocalLoader):
     """A stand-in whose loads wait 10 ms (as a load waiting for the GIL or a slow disk
     does) while taking next to no CPU."""
@@ -324,12 +333,7 @@ async def test_inline_loads_are_timed_by_their_cpu_not_their_wall_clock() -> Non
     and send its kind back to a thread; by its CPU it stays on the loop."""
     loop_thread = threading.get_ident()
     loader = WaitingLoader({"first": 100, "second": 100, "third": 100})
-    cache = ModelCache(1 << 20, loader)
-    try:
-        for model_id in ("first", "second", "third"):
-            await use(cache, model_id)
-    finally:
-        await cache.close()
+    await use_in_turn(ModelCache(1 << 20, loader), "first", "second", "third")
     assert loader.threads["first"] != loop_thread
     assert loader.threads["second"] == loop_thread
     assert loader.threads["third"] == loop_thread
@@ -356,12 +360,9 @@ async def test_a_formats_first_load_with_its_imports_is_not_its_typical_load() -
 
     loop_thread = threading.get_ident()
     loader = ImportingLoader({"first": 100, "second": 100, "third": 100}, slow={"first": 0.005})
-    cache = ModelCache(1 << 20, loader)
     try:
-        for model_id in ("first", "second", "third"):
-            await use(cache, model_id)
+        await use_in_turn(ModelCache(1 << 20, loader), "first", "second", "third")
     finally:
-        await cache.close()
         sys.modules.pop("_stand_in_format_library", None)
     assert loader.threads["second"] != loop_thread
     assert loader.threads["third"] == loop_thread
