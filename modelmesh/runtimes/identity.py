@@ -57,8 +57,8 @@ class IdentityRuntime(Runtime):
     def predict_size(self, path: Path, scope: FileScope | None = None) -> int:
         scope = scope or FileScope.of_model(path)
         try:
-            spec = json.loads(scope.read_bytes(model_file(path, self.model_type, SUFFIXES,
-                                                          scope)))
+            spec = json.loads(scope.read_bytes(
+                model_file(path, self.model_type, SUFFIXES, scope), resolved=True))
             declared = spec.get("memory_bytes") if isinstance(spec, dict) else None
             if isinstance(declared, int) and declared > 0:
                 return declared
@@ -71,7 +71,7 @@ class IdentityRuntime(Runtime):
         with load_failures(model_id, self.model_type, path):
             file = model_file(path, self.model_type, SUFFIXES, scope)
         with load_failures(model_id, self.model_type, file):
-            raw = scope.read_bytes(file)
+            raw = scope.read_bytes(file, resolved=True)
             try:
                 spec = json.loads(raw)
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -64,7 +64,7 @@ class LightGBMRuntime(Runtime):
             file = model_file(path, self.model_type, SUFFIXES, scope)
         with load_failures(model_id, self.model_type, file):
             lgb = require("lightgbm", self.model_type)
-            raw = scope.read_bytes(file)
+            raw = scope.read_bytes(file, resolved=True)
             if not raw.startswith(b"tree"):
                 raise BadModelFile(
                     f"{file.name} is not a LightGBM text model; it looks like "

@@ -90,7 +90,7 @@ class TorchScriptRuntime(Runtime):
         scope = scope or FileScope.of_model(path)
         with load_failures(model_id, self.model_type, path):
             file = model_file(path, self.model_type, SUFFIXES, scope)
-        with load_failures(model_id, self.model_type, file), scope.open(file) as f:
+        with load_failures(model_id, self.model_type, file), scope.open(file, resolved=True) as f:
             torch = _import_torch()
             _limit_threads(torch)
             head = f.read(64)

@@ -60,7 +60,8 @@ class XGBoostRuntime(Runtime):
         scope = scope or FileScope.of_model(path)
         size = total_size(path, scope)
         try:
-            head = scope.read_head(model_file(path, self.model_type, SUFFIXES, scope))
+            head = scope.read_head(
+                model_file(path, self.model_type, SUFFIXES, scope), resolved=True)
         except BadModelFile:
             head = b""  # load will report the problem; this is only an estimate
         is_json = head.lstrip().startswith(b'{"') or head.lstrip().startswith(b"{\n")
@@ -72,7 +73,7 @@ class XGBoostRuntime(Runtime):
             file = model_file(path, self.model_type, SUFFIXES, scope)
         with load_failures(model_id, self.model_type, file):
             xgb = require("xgboost", self.model_type)
-            raw = scope.read_bytes(file)
+            raw = scope.read_bytes(file, resolved=True)
             if not raw.lstrip()[:1] == b"{":
                 raise BadModelFile(
                     f"{file.name} is not an XGBoost JSON or UBJSON model; it looks like "
