@@ -74,6 +74,7 @@ class Membership:
         self._uses_due = asyncio.Event()
         self._instance_dirty = asyncio.Event()
         self._started_ms = now_ms()
+        self._cache_seq = 0  # cache events seen; copy and instance records carry it
 
     async def start(self, endpoint: str) -> None:
         """Take a lease, publish the instance record, and keep both up to date."""
@@ -110,7 +111,7 @@ class Membership:
             requests_per_minute=round(self.request_rate() * 60, 1),
             in_flight=node.in_flight[node.instance_id],
             labels=self.labels, shutting_down=node.draining or node.stopping,
-            version=__version__, started_ms=self._started_ms,
+            version=__version__, started_ms=self._started_ms, cache_seq=self._cache_seq,
         )
 
     async def publish_instance(self) -> None:
@@ -165,19 +166,21 @@ class Membership:
     def on_cache_event(self, ev: CacheEvent) -> None:
         """The cache changed: update this instance's copy record of the model."""
         me = self.node.instance_id
+        self._cache_seq = seq = self._cache_seq + 1
         rec: CopyRecord | None
         if ev.kind is EventKind.LOADING:
-            rec = CopyRecord(ev.model_id, me, CopyState.LOADING, updated_ms=now_ms())
+            rec = CopyRecord(ev.model_id, me, CopyState.LOADING, updated_ms=now_ms(),
+                             cache_seq=seq)
         elif ev.kind is EventKind.LOADED:
             rec = CopyRecord(ev.model_id, me, CopyState.LOADED, ev.size_bytes, int(ev.load_ms),
-                             updated_ms=now_ms())
+                             updated_ms=now_ms(), cache_seq=seq)
             known = self.registry.models.get(ev.model_id)
             if known is not None and abs(known.size_estimate - ev.size_bytes) > \
                     0.1 * ev.size_bytes:
                 self._record_use(ev.model_id, Use(size_bytes=ev.size_bytes))
         elif ev.kind is EventKind.FAILED:
             rec = CopyRecord(ev.model_id, me, CopyState.FAILED, ev.size_bytes, error=ev.error,
-                             updated_ms=now_ms())
+                             updated_ms=now_ms(), cache_seq=seq)
             if ev.size_bytes:  # measured, then found too big: every instance should know
                 self._record_use(ev.model_id, Use(size_bytes=ev.size_bytes))
         else:

@@ -26,7 +26,7 @@ from enum import StrEnum
 from modelmesh.cache.local import ModelCache
 from modelmesh.dataplane import DataPlane
 from modelmesh.node import Node
-from modelmesh.registry.records import CopyRecord, CopyState, ModelRecord
+from modelmesh.registry.records import CopyRecord, CopyState, InstanceRecord, ModelRecord
 from modelmesh.registry.store import Registry, now_ms
 from placement import ClusterSnapshot, CopySnapshot, InstanceSnapshot, Memory, ModelSnapshot
 
@@ -69,10 +69,17 @@ class ModelStatus:
 
 
 class PendingLoads:
-    """Cold models this instance asked another instance to load, until a copy shows up.
+    """Cold models this instance asked another instance to load, until the target's
+    instance record counts them.
 
     Concurrent requests for the same cold model go to the same target, and the
-    bytes promised to a target count as used in the cluster snapshot.
+    model promised to a target counts there (its bytes as used, one more model)
+    in the cluster snapshot. A copy record alone is not enough to stop counting:
+    the target writes its copy and instance records separately, and placement
+    reads used bytes and model counts from the instance record. So a promise
+    stands until the target's instance record reflects the copy's load (its
+    ``cache_seq`` has reached the copy record's), the load failed, or its
+    deadline passed.
     """
 
     def __init__(self) -> None:
@@ -92,12 +99,28 @@ class PendingLoads:
             if target == instance_id:
                 del self._by_model[model_id]
 
-    def bytes_by_target(self, copies: Mapping[str, Mapping[str, CopyRecord]]) -> dict[str, int]:
-        """Bytes promised to each target whose copy record has not appeared yet."""
-        out: dict[str, int] = {}
-        for model_id, (target, size, _) in self._by_model.items():
-            if target not in copies.get(model_id, {}):
-                out[target] = out.get(target, 0) + size
+    def by_target(self, copies: Mapping[str, Mapping[str, CopyRecord]],
+                  instances: Mapping[str, InstanceRecord],
+                  now: float) -> dict[str, tuple[int, int]]:
+        """Bytes and models promised to each target that its instance record does not
+        count yet (``now``: monotonic time). Promises settled on the way are forgotten."""
+        out: dict[str, tuple[int, int]] = {}
+        settled = []
+        for model_id, (target, size, until) in self._by_model.items():
+            copy = copies.get(model_id, {}).get(target)
+            if copy is not None and copy.state is not CopyState.LOADING:
+                rec = instances.get(target)
+                if copy.state is CopyState.FAILED or (
+                        rec is not None and rec.cache_seq >= copy.cache_seq):
+                    settled.append(model_id)  # the target's own figures are right
+                    continue
+            if until <= now:
+                settled.append(model_id)
+                continue
+            used, count = out.get(target, (0, 0))
+            out[target] = (used + size, count + 1)
+        for model_id in settled:
+            del self._by_model[model_id]
         return out
 
 
@@ -232,8 +255,9 @@ class MeshView:
 
     def cluster_snapshot(self, excluded: Collection[str] = frozenset()) -> ClusterSnapshot:
         """Every live instance, this one from its cache; bytes already promised to a
-        target by ``pending`` count as used there."""
-        pending = self.pending.bytes_by_target(self.registry.copies)
+        target by ``pending`` count there until its instance record counts them."""
+        pending = self.pending.by_target(self.registry.copies, self.registry.instances,
+                                         time.monotonic())
         in_flight = self.node.in_flight
         me = self.node.instance_id
         instances = []
@@ -246,13 +270,14 @@ class MeshView:
                 instances.append(self.local_snapshot())
                 have_me = True
                 continue
+            promised, promised_models = pending.get(iid, (0, 0))
             instances.append(InstanceSnapshot(
                 instance_id=iid,
-                cpu=Memory(rec.capacity_bytes, rec.used_bytes + pending.get(iid, 0),
+                cpu=Memory(rec.capacity_bytes, rec.used_bytes + promised,
                            rec.pinned_bytes,
                            rec.lru_time_ms / 1000 if rec.lru_time_ms else None,
                            rec.min_priority),
-                model_count=rec.model_count,
+                model_count=rec.model_count + promised_models,
                 loading=rec.loading_count,
                 loading_slots=max(rec.loading_slots, 1),
                 in_flight=in_flight[iid],

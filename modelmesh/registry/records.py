@@ -154,6 +154,10 @@ class InstanceRecord(_Record):
     shutting_down: bool = False
     version: str = ""
     started_ms: int = 0
+    #: the number of this instance's cache events (loads, evictions) the record reflects;
+    #: a copy record carries the number of its own event, so a reader can tell whether
+    #: this record's figures already count that copy
+    cache_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +172,7 @@ class CopyRecord(_Record):
     error: str = ""
     updated_ms: int = 0
     request_rate: float = 0.0  # requests/s this copy served over the holder's last window
+    cache_seq: int = 0  # the holder's cache event this record reports (see InstanceRecord)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", CopyState(self.state))

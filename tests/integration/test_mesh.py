@@ -211,7 +211,9 @@ def test_cold_models_requested_one_by_one_spread_with_room_to_spare(mesh_factory
     assert wait_until(lambda: sum(counts().values()) >= 30, 10), counts()
     counts_now = counts()
     assert len(counts_now) == 3
-    assert max(counts_now.values()) <= 18, f"models piled onto one instance: {counts_now}"
+    # The ingress counts what it sent each peer until that peer's instance record does:
+    # an even spread is 10 each; placing from records that lag the loads gave up to 21.
+    assert max(counts_now.values()) <= 14, f"models piled onto one instance: {counts_now}"
 
 
 def test_forwarding_passes_request_and_answer_through_untouched(mesh_factory, etcd_server,

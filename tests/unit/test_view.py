@@ -5,6 +5,8 @@ Real ``ModelCache`` and ``Registry`` (its mirror fed in memory), see tests/suppo
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from modelmesh.registry.records import CopyRecord, CopyState, InstanceRecord, ModelRecord
@@ -76,14 +78,55 @@ async def test_model_status_prefers_the_local_cache_and_collects_errors():
         await parts.close()
 
 
-async def test_cluster_snapshot_counts_bytes_promised_to_a_target():
+def _promised(parts) -> dict[str, tuple[int, int]]:
+    return {i.instance_id: (i.cpu.used_bytes, i.model_count)
+            for i in parts.view.cluster_snapshot().instances}
+
+
+async def test_cluster_snapshot_counts_a_promised_model_until_the_targets_record_does():
+    parts = build("me", peers=("a",))
+    try:
+        put(parts.registry, _rec("cold"), InstanceRecord("a", "127.0.0.1:9", 1000, cache_seq=4))
+        parts.view.pending.add("cold", "a", 300, until=float("inf"))
+        assert _promised(parts) == {"me": (0, 0), "a": (300, 1)}
+        put(parts.registry, CopyRecord("cold", "a", CopyState.LOADING, cache_seq=5))
+        assert _promised(parts) == {"me": (0, 0), "a": (300, 1)}  # loading: not in its figures
+        # Loaded, but the target's instance record was written before that load.
+        put(parts.registry, CopyRecord("cold", "a", CopyState.LOADED, 300, cache_seq=6))
+        assert _promised(parts) == {"me": (0, 0), "a": (300, 1)}
+        put(parts.registry, InstanceRecord("a", "127.0.0.1:9", 1000, used_bytes=300,
+                                           model_count=1, cache_seq=6))
+        assert _promised(parts) == {"me": (0, 0), "a": (300, 1)}  # counted once, by the record
+        assert parts.view.pending.get("cold") is None  # and the promise is settled
+    finally:
+        await parts.close()
+
+
+async def test_a_promise_ends_with_a_failed_load_or_its_deadline():
+    parts = build("me", peers=("a",))
+    try:
+        put(parts.registry, _rec("bad"), _rec("late"),
+            InstanceRecord("a", "127.0.0.1:9", 1000, cache_seq=1))
+        parts.view.pending.add("bad", "a", 300, until=float("inf"))
+        parts.view.pending.add("late", "a", 50, until=time.monotonic() + 3600)
+        assert _promised(parts)["a"] == (350, 2)
+        put(parts.registry, CopyRecord("bad", "a", CopyState.FAILED, cache_seq=2))
+        assert _promised(parts)["a"] == (50, 1)  # the record is older, but nothing was added
+        assert parts.view.pending.get("bad") is None
+        parts.view.pending.add("late", "a", 50, until=time.monotonic() - 1)
+        assert _promised(parts)["a"] == (0, 0)
+        assert parts.view.pending.get("late") is None
+    finally:
+        await parts.close()
+
+
+async def test_records_from_instances_that_do_not_number_their_events_count_a_loaded_copy():
+    """An instance of an older version writes no ``cache_seq``: a loaded copy record then
+    counts as reflected, as it did before the numbering."""
     parts = build("me", peers=("a",))
     try:
         parts.view.pending.add("cold", "a", 300, until=float("inf"))
-        used = {i.instance_id: i.cpu.used_bytes for i in parts.view.cluster_snapshot().instances}
-        assert used == {"me": 0, "a": 300}
-        put(parts.registry, _rec("cold"), CopyRecord("cold", "a", CopyState.LOADING))
-        used = {i.instance_id: i.cpu.used_bytes for i in parts.view.cluster_snapshot().instances}
-        assert used == {"me": 0, "a": 0}  # its copy record is there: no longer double counted
+        put(parts.registry, _rec("cold"), CopyRecord("cold", "a", CopyState.LOADED, 300))
+        assert _promised(parts)["a"] == (0, 0)
     finally:
         await parts.close()
