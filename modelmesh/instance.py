@@ -42,6 +42,7 @@ from modelmesh.api import health, reflection
 from modelmesh.api.inference import InferenceServicer
 from modelmesh.api.ingress import Ingress
 from modelmesh.api.management import ExtensionsServicer, ModelMeshServicer
+from modelmesh.api.peer import PeerServicer
 from modelmesh.api.registered import HotMethodsOnly
 from modelmesh.cache.local import CacheEvent, EventKind, ModelCache
 from modelmesh.dataplane import DataPlane
@@ -235,7 +236,8 @@ class MeshInstance:
         view = MeshView(registry, cache, dataplane, node, loading_slots=s.max_concurrent_loads,
                         labels=s.labels)
         self.router = router = Router(node, registry, cache, dataplane, view, policy,
-                                      PeerPool(s.max_message_bytes, self._peer_security()),
+                                      PeerPool(s.max_message_bytes, self._peer_security(),
+                                               metrics),
                                       metrics, spawn,
                                       max_hops=s.max_hops)
         lifecycle = ModelLifecycle(
@@ -294,19 +296,23 @@ class MeshInstance:
     async def _serve(self, inference: InferenceServicer, management: ModelMeshServicer,
                      extensions: ExtensionsServicer) -> grpc.aio.Server:
         s = self.settings
-        secured = self._secured()
+        ingress = Ingress(self._authorizer, self._tls is not None and self._tls.mutual) \
+            if self._secured() else None
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
-        ], interceptors=[Ingress(self._authorizer, self._tls is not None and self._tls.mutual)]
-            if secured else None)
+        ], interceptors=[ingress] if ingress is not None else None)
         service, handlers = inference.generic_handler()
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        # Batches of forwarded ModelInfer calls from other instances (``api.peer``).
+        server.add_generic_rpc_handlers((PeerServicer(
+            inference, ingress.admit_forwarded if ingress is not None else None
+        ).generic_handler(),))
         # Generated set-up registers every method of a service with gRPC's core: through
         # ``hot`` only ModelInfer and ModelStreamInfer are (``api.registered``).
         hot = HotMethodsOnly(server)
-        if not secured:  # registered methods would bypass the ingress's interceptor
+        if ingress is None:  # registered methods would bypass the ingress's interceptor
             hot.add_registered_method_handlers(service, handlers)
         mm_grpc.add_ModelMeshServicer_to_server(management, hot)
         ext_grpc.add_ModelMeshExtensionsServicer_to_server(extensions, hot)

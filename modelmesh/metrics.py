@@ -104,6 +104,15 @@ class Metrics:
             "modelmesh_forwarded_requests", "Requests this instance forwarded to another",
             ["code"], registry=r,
         )
+        self.forward_batches = Counter(
+            "modelmesh_forward_batches",
+            "Calls that carried several forwarded requests for one model to one peer",
+            registry=r,
+        )
+        self.forwarded_in_batches = Counter(
+            "modelmesh_forwarded_in_batches",
+            "Forwarded requests that went to their peer in a batch with others", registry=r,
+        )
         self.forward_ms = Histogram(
             "modelmesh_forward_request_milliseconds",
             "Time to forward a request to another instance and get its answer",

@@ -55,7 +55,7 @@ class Ingress(grpc.aio.ServerInterceptor):
                context: grpc.aio.ServicerContext) -> None:
         """Decide the call (raises Unauthenticated / PermissionDenied) and mark its trust."""
         identity = call_identity(context) if self.tls else None
-        if role is None:  # probes and discovery: open to anyone, steer nothing
+        if role is None:  # probes, discovery, and carriers (their calls are admitted one by one)
             INTERNAL_HEADERS_TRUSTED.set(not self.tls or self.authorizer.is_peer(identity))
             return
         principal = self.authorizer.principal(_authorization(context), identity)
@@ -63,6 +63,11 @@ class Ingress(grpc.aio.ServerInterceptor):
         INTERNAL_HEADERS_TRUSTED.set(principal.peer or not self.tls)
         if not principal.peer:
             self.authorizer.require(principal, role, operation)
+
+    def admit_forwarded(self, context: grpc.aio.ServicerContext) -> None:
+        """Admit one ModelInfer call carried by a ``ForwardInferBatch`` call, as it would
+        be admitted on its own (``context``: that call's metadata, the batch's connection)."""
+        self._admit("infer", "ModelInfer", context)
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],

@@ -4,19 +4,33 @@ One channel per peer endpoint, created on first use and reused by every request
 (a channel multiplexes any number of concurrent calls over one HTTP/2
 connection). Calls take and return serialized messages: a forwarded request is
 never parsed on the way through.
+
+Forwarded ModelInfer calls for one model to one peer are coalesced: while
+``MAX_BATCHES_IN_FLIGHT`` calls to that peer for that model are on their way,
+the next requests wait for one of them to come back and then go together in
+one ``mmesh.ModelMeshPeer/ForwardInferBatch`` call (``api.peer`` serves it),
+each with its own metadata and deadline and answered with its own status. A
+lone request goes at once, so nothing waits that would not have waited anyway;
+under load each side pays one gRPC call for several requests. Only requests
+for the same model share a call, so a slow model never delays another's
+answers. A peer that does not know the method (an older version) gets single
+calls from then on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
+from modelmesh._proto.mmesh import mesh_peer_pb2 as peer_pb
 from modelmesh.errors import Code
-from modelmesh.headers import INSTANCE
+from modelmesh.headers import INFER, INSTANCE
+from modelmesh.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +55,47 @@ class PeerError(Exception):
 #: How long a channel to a peer that left is kept for the calls still on it (seconds).
 CLOSE_GRACE_S = 30.0
 
+#: ``mmesh.ModelMeshPeer/ForwardInferBatch`` (``api.peer``).
+BATCH_METHOD = "/mmesh.ModelMeshPeer/ForwardInferBatch"
+#: Calls to one peer for one model on their way before further requests wait to be batched.
+MAX_BATCHES_IN_FLIGHT = 2
+#: The most requests one batch carries (the peer accepts up to 256).
+MAX_BATCH_CALLS = 64
+#: Requests larger than this go on their own: their bytes, not the call, cost most.
+MAX_COALESCED_BYTES = 64 * 1024
+
+
+@dataclass(slots=True)
+class _Queued:
+    request: bytes
+    metadata: Metadata
+    timeout: float | None
+    answer: asyncio.Future[bytes]
+
+
+@dataclass(slots=True)
+class _Lane:
+    """The requests for one model to one peer waiting for a batch, and the batches out."""
+
+    waiting: deque[_Queued] = field(default_factory=deque)
+    in_flight: int = 0
+
+
+def _metadata_entries(pairs: Metadata) -> list[peer_pb.PeerMetadata]:
+    return [peer_pb.PeerMetadata(key=k, value=v.encode() if isinstance(v, str) else v)
+            for k, v in pairs]
+
+
+def _pairs(entries: Sequence[peer_pb.PeerMetadata]) -> list[tuple[str, str]]:
+    return [(e.key, e.value.decode("utf-8", errors="replace")) for e in entries]
+
+
+def _status_name(value: int) -> str:
+    for status in grpc.StatusCode:
+        if status.value[0] == value:
+            return status.name
+    return "UNKNOWN"
+
 
 @dataclass(frozen=True)
 class PeerSecurity:
@@ -52,8 +107,10 @@ class PeerSecurity:
 
 
 class PeerPool:
-    def __init__(self, max_message_bytes: int, security: PeerSecurity | None = None) -> None:
+    def __init__(self, max_message_bytes: int, security: PeerSecurity | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.security = security
+        self.metrics = metrics
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -63,6 +120,10 @@ class PeerPool:
         ]
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._calls: dict[tuple[str, str], grpc.aio.UnaryUnaryMultiCallable] = {}
+        self._max_batch_bytes = max_message_bytes // 2
+        self._lanes: dict[tuple[str, str], _Lane] = {}
+        self._unbatched: set[str] = set()  # peers without ForwardInferBatch
+        self._batches: set[asyncio.Task[None]] = set()
 
     def _call(self, endpoint: str, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
         key = (endpoint, method)
@@ -85,12 +146,21 @@ class PeerPool:
         return call
 
     async def call(self, endpoint: str, method: str, request: bytes, metadata: Metadata,
-                   timeout: float | None) -> bytes:
+                   timeout: float | None, model_id: str = "") -> bytes:
         """Send ``request`` bytes to ``method`` on the peer; returns the response bytes.
 
         Raises ``PeerError`` for any non-OK status, and for a call cancelled under
         this request by its channel closing (``reached`` False: try another copy).
+        A ModelInfer request naming its ``model_id`` may travel in a batch with
+        others for that model (see the module docstring).
         """
+        if method == INFER and model_id and len(request) <= MAX_COALESCED_BYTES \
+                and endpoint not in self._unbatched:
+            return await self._coalesced(endpoint, model_id, request, metadata, timeout)
+        return await self._single(endpoint, method, request, metadata, timeout)
+
+    async def _single(self, endpoint: str, method: str, request: bytes, metadata: Metadata,
+                      timeout: float | None) -> bytes:
         try:
             return await self._call(endpoint, method)(request, metadata=metadata,
                                                       timeout=timeout)
@@ -113,6 +183,128 @@ class PeerPool:
             raise PeerError(Code.INTERNAL, f"could not send {method} to {endpoint}: "
                             f"{type(exc).__name__}: {exc}", (), reached=True) from None
 
+    # -- batches of forwarded ModelInfer calls --------------------------------------------
+
+    async def _coalesced(self, endpoint: str, model_id: str, request: bytes,
+                         metadata: Metadata, timeout: float | None) -> bytes:
+        key = (endpoint, model_id)
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        lane.waiting.append(_Queued(request, metadata, timeout, answer))
+        if lane.in_flight < MAX_BATCHES_IN_FLIGHT:
+            self._send(key, lane)
+        # A request cancelled here (its client gave up) cancels its future only: the
+        # batch it is in, if sent, goes on for the others.
+        return await answer
+
+    def _send(self, key: tuple[str, str], lane: _Lane) -> None:
+        """Send the waiting requests of ``lane`` (as many as one batch takes) in one call."""
+        batch: list[_Queued] = []
+        size = 0
+        while lane.waiting and len(batch) < MAX_BATCH_CALLS:
+            item = lane.waiting[0]
+            if batch and size + len(item.request) > self._max_batch_bytes:
+                break
+            lane.waiting.popleft()
+            if item.answer.done():  # cancelled while waiting: nobody wants its answer
+                continue
+            batch.append(item)
+            size += len(item.request)
+        if not batch:
+            if not lane.waiting and not lane.in_flight:
+                self._lanes.pop(key, None)
+            return
+        lane.in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._run_batch(key, lane, batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _run_batch(self, key: tuple[str, str], lane: _Lane,
+                         batch: list[_Queued]) -> None:
+        endpoint = key[0]
+        try:
+            if len(batch) == 1:  # alone: a plain call costs the peer less than a batch
+                item = batch[0]
+                try:
+                    _settle(item.answer, await self._single(
+                        endpoint, INFER, item.request, item.metadata, item.timeout))
+                except PeerError as exc:
+                    _settle(item.answer, exc)
+                return
+            await self._batch_call(endpoint, batch)
+        except Exception as exc:  # a bug of ours: the callers get an error, not a hang
+            log.exception("forwarding a batch to %s failed", endpoint)
+            for item in batch:
+                _settle(item.answer, PeerError(Code.INTERNAL, f"forwarding to {endpoint} "
+                                               f"failed: {type(exc).__name__}", (),
+                                               reached=True))
+        finally:
+            for item in batch:  # cancelled (the pool closing): the callers must not hang
+                _settle(item.answer, PeerError(
+                    Code.CANCELLED, f"the call to {endpoint} was cancelled", (), reached=False))
+            lane.in_flight -= 1
+            self._send(key, lane)
+
+    async def _batch_call(self, endpoint: str, batch: list[_Queued]) -> None:
+        if self.metrics is not None:
+            self.metrics.forward_batches.inc()
+            self.metrics.forwarded_in_batches.inc(len(batch))
+        timeouts = [item.timeout for item in batch]
+        outer = None if None in timeouts else max(t for t in timeouts if t is not None) + 1.0
+        payload = peer_pb.ForwardInferBatchRequest(calls=[
+            peer_pb.ForwardedCall(request=item.request,
+                                  metadata=_metadata_entries(item.metadata),
+                                  timeout_seconds=item.timeout or 0.0)
+            for item in batch
+        ]).SerializeToString()
+        try:
+            raw = await self._single(endpoint, BATCH_METHOD, payload, (), outer)
+        except PeerError as exc:
+            if exc.code is Code.UNIMPLEMENTED and not exc.reached:
+                # A peer of an older version: single calls to it from now on.
+                log.info("peer %s does not take batched calls; sending them one by one",
+                         endpoint)
+                self._unbatched.add(endpoint)
+                await asyncio.gather(*(self._resend(endpoint, item) for item in batch))
+                return
+            if exc.code is Code.RESOURCE_EXHAUSTED:
+                # The answers together were larger than a message may be: one by one.
+                await asyncio.gather(*(self._resend(endpoint, item) for item in batch))
+                return
+            for item in batch:
+                _settle(item.answer, exc)
+            return
+        try:
+            answers = peer_pb.ForwardInferBatchResponse.FromString(raw).answers
+        except Exception as exc:  # noqa: BLE001 (protobuf's DecodeError, or worse)
+            answers = None
+            problem = f"{type(exc).__name__}: {exc}"
+        else:
+            problem = f"{len(answers)} answers to {len(batch)} calls"
+        if answers is None or len(answers) != len(batch):
+            for item in batch:
+                _settle(item.answer, PeerError(
+                    Code.INTERNAL, f"{endpoint} answered a batch wrongly ({problem})", (),
+                    reached=True))
+            return
+        for item, answer in zip(batch, answers, strict=True):
+            if answer.code == 0:
+                _settle(item.answer, answer.response)
+            else:
+                trailing = _pairs(answer.trailing)
+                _settle(item.answer, PeerError(
+                    Code[_status_name(answer.code)], answer.details, trailing,
+                    reached=any(k == INSTANCE for k, _ in trailing)))
+
+    async def _resend(self, endpoint: str, item: _Queued) -> None:
+        try:
+            _settle(item.answer, await self._single(endpoint, INFER, item.request,
+                                                    item.metadata, item.timeout))
+        except PeerError as exc:
+            _settle(item.answer, exc)
+
     async def forget(self, endpoint: str, grace: float | None = CLOSE_GRACE_S) -> None:
         """Close the channel to a peer that left the mesh.
 
@@ -123,6 +315,7 @@ class PeerPool:
         channel = self._channels.pop(endpoint, None)
         for key in [k for k in self._calls if k[0] == endpoint]:
             del self._calls[key]
+        self._unbatched.discard(endpoint)
         if channel is not None:
             try:
                 await channel.close(grace)
@@ -136,3 +329,13 @@ class PeerPool:
     async def close(self, grace: float | None = None) -> None:
         for endpoint in list(self._channels):
             await self.forget(endpoint, grace)
+
+
+def _settle(future: asyncio.Future[bytes], outcome: bytes | PeerError) -> None:
+    """Give ``future`` its answer or error, unless it has one (or was cancelled)."""
+    if future.done():
+        return
+    if isinstance(outcome, PeerError):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

@@ -268,7 +268,8 @@ class Router:
         start = time.perf_counter()
         code = "OK"
         try:
-            return await self.peers.call(rec.endpoint, method, raw, metadata, info.timeout)
+            return await self.peers.call(rec.endpoint, method, raw, metadata, info.timeout,
+                                         model_id)
         except PeerError as exc:
             code = exc.code.name
             raise

@@ -50,6 +50,9 @@ OPEN_SERVICES = frozenset({
     "grpc.reflection.v1.ServerReflection",
 })
 OPEN_OPERATIONS = frozenset({"ServerLive", "ServerReady", "ServerHealth"})
+#: Operations that carry other calls: each carried call is admitted on its own, with its
+#: own credentials (``api.peer``), so the carrier itself needs no role.
+CARRIER_OPERATIONS = frozenset({"ForwardInferBatch"})
 INFER_OPERATIONS = frozenset({"ModelInfer", "ModelStreamInfer", "V1Predict"})
 MANAGE_OPERATIONS = frozenset({
     "registerModel", "unregisterModel", "setVModel", "deleteVModel", "ensureLoaded",
@@ -63,7 +66,8 @@ RELOAD_CHECK_S = 1.0
 
 def role_of(service: str, operation: str) -> str | None:
     """The role ``operation`` of ``service`` needs (None: open to anyone)."""
-    if service in OPEN_SERVICES or operation in OPEN_OPERATIONS:
+    if service in OPEN_SERVICES or operation in OPEN_OPERATIONS \
+            or operation in CARRIER_OPERATIONS:
         return None
     if operation in INFER_OPERATIONS:
         return "infer"

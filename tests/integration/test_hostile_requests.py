@@ -262,3 +262,62 @@ def test_an_over_long_name_is_invalid_argument_and_quoted_short(mesh):
             pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert len(info.value.details()) < 300
+
+
+# -- the peers' batch method: anyone can reach the port, so anyone can call it -----------------
+
+BATCH = "/mmesh.ModelMeshPeer/ForwardInferBatch"
+
+
+def _batch(*calls: tuple[bytes, list[tuple[str, bytes]], float]) -> bytes:
+    from modelmesh._proto.mmesh import mesh_peer_pb2 as peer_pb
+
+    return peer_pb.ForwardInferBatchRequest(calls=[
+        peer_pb.ForwardedCall(request=r, metadata=[peer_pb.PeerMetadata(key=k, value=v)
+                                                   for k, v in md], timeout_seconds=t)
+        for r, md, t in calls]).SerializeToString()
+
+
+def test_a_forwarded_batch_answers_each_call_and_refuses_what_is_not_a_batch(mesh):
+    from modelmesh._proto.mmesh import mesh_peer_pb2 as peer_pb
+
+    good = _good_request()
+    good.id = "g1"
+    bad_dtype = _good_request()
+    bad_dtype.inputs[0].datatype = "FP128"
+    offset = _log_size(mesh)
+    with grpc.insecure_channel(mesh.endpoint) as ch:
+        call = ch.unary_unary(BATCH)
+        for garbage in (b"\xff\xff\xff", b"\x0a\x05abc"):  # no message / a truncated call
+            with pytest.raises(grpc.RpcError) as info:
+                call(garbage, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as info:
+            call(_batch(*[(good.SerializeToString(), [], 0.0)] * 257), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "at most 256" in info.value.details()
+
+        raw = call(_batch(
+            (good.SerializeToString(), [("x-trace", b"t1")], 30.0),
+            (b"\xff\xfe", [], 0.0),  # not a ModelInferRequest
+            (bad_dtype.SerializeToString(), [], 0.0),
+            (_good_request().SerializeToString(), [("mm-model-id", b"no-such-model")], 0.0),
+            (good.SerializeToString(), [], float("nan")),
+            (good.SerializeToString(), [], -1.0),
+            (good.SerializeToString(), [], float("inf")),
+            (good.SerializeToString(), [], 0.0),
+        ), timeout=60)
+        answers = peer_pb.ForwardInferBatchResponse.FromString(raw).answers
+    codes = [grpc.StatusCode.OK.value[0] if a.code == 0 else a.code for a in answers]
+    expected = [grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OK]
+    assert codes == [c.value[0] for c in expected], [(a.code, a.details) for a in answers]
+    first = pb.ModelInferResponse.FromString(answers[0].response)
+    assert first.id == "g1" and first.model_name == MODEL
+    assert np.frombuffer(first.raw_output_contents[0], np.float32).tolist() == [1.0] * 4
+    assert "FP128" in answers[2].details and "no-such-model" in answers[3].details
+    # Every error says which instance answered it (a forwarder tells it from a dead link).
+    assert all(any(t.key == "mm-instance" for t in a.trailing) for a in answers if a.code)
+    assert not _tracebacks_since(mesh, offset)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -317,7 +318,27 @@ def test_a_three_instance_mtls_mesh_forwards_and_ignores_an_outsiders_internal_h
         assert holders() == {f"test-{a.port}"}, "an outsider's mm-hops was honoured"
         mm_grpc.ModelMeshStub(ch).ensureLoaded(mm.EnsureLoadedRequest(
             modelId="peer-echo", sync=True), metadata=(("mm-load-here", "1"),), timeout=60)
+        # nor when sent the way instances send each other forwarded requests
+        answers = _forwarded_batch(ch, (("mm-load-here", "1"),), (("mm-hops", "99"),),
+                                   model="peer-echo")
+        assert [a.code for a in answers] == [0, 0], [a.details for a in answers]
     assert holders() == {f"test-{a.port}"}, "an outsider's mm-load-here was honoured"
+    # B forwards many at once to A's copy: batched between the instances, all answered
+    with secure(b.endpoint, creds(pki, "outsider")) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+
+        def one(value: float) -> list[float]:
+            req = pb.ModelInferRequest(model_name="peer-echo", id=str(value))
+            req.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+            req.raw_input_contents.append(np.full((1, 4), value, np.float32).tobytes())
+            out = stub.ModelInfer(req, timeout=60)
+            assert out.id == str(value)
+            return np.frombuffer(out.raw_output_contents[0], np.float32).tolist()
+
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(one, [float(v) for v in range(64)]))
+    assert results == [[float(v)] * 4 for v in range(64)]
+    assert holders() == {f"test-{a.port}"}
 
 
 # --------------------------------------------------------------------------- roles
@@ -488,6 +509,38 @@ def test_client_certificate_identities_get_their_roles(module_mesh_factory, pki,
         assert mm_grpc.ModelMeshStub(ch).getModelStatus(
             mm.GetStatusRequest(modelId="id-new"), metadata=_bearer(TOKENS["read"]),
             timeout=10).status != ST.NOT_FOUND
+
+
+def _forwarded_batch(ch: grpc.Channel, *metadata: tuple[tuple[str, str], ...],
+                     model: str = "auth-echo") -> list:
+    """A ForwardInferBatch call (what instances send each other) of one ModelInfer call
+    per entry of ``metadata``; returns the answers."""
+    from modelmesh._proto.mmesh import mesh_peer_pb2 as peer_pb
+
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    req.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+    batch = peer_pb.ForwardInferBatchRequest(calls=[
+        peer_pb.ForwardedCall(request=req.SerializeToString(), metadata=[
+            peer_pb.PeerMetadata(key=k, value=v.encode()) for k, v in md])
+        for md in metadata])
+    raw = ch.unary_unary("/mmesh.ModelMeshPeer/ForwardInferBatch")(
+        batch.SerializeToString(), timeout=60)
+    return list(peer_pb.ForwardInferBatchResponse.FromString(raw).answers)
+
+
+def test_each_call_in_a_forwarded_batch_needs_its_own_token(auth_mesh):
+    """The batch method itself needs no role (instances call it for their clients), so
+    every call it carries is admitted as a ModelInfer call of its own."""
+    with grpc.insecure_channel(auth_mesh.endpoint) as ch:
+        answers = _forwarded_batch(ch, (), _bearer("wrong"), _bearer(TOKENS["read"]),
+                                   _bearer(TOKENS["infer"]), _bearer(TOKENS["all"]))
+    codes = [grpc.StatusCode.OK if a.code == 0 else
+             next(c for c in grpc.StatusCode if c.value[0] == a.code) for a in answers]
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED,
+                     grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.OK,
+                     grpc.StatusCode.OK], [(a.code, a.details) for a in answers]
+    assert pb.ModelInferResponse.FromString(answers[3].response).model_name == "auth-echo"
 
 
 def test_without_tls_a_forwarded_request_carries_the_callers_token(
