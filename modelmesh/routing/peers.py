@@ -10,7 +10,7 @@ Forwarded ModelInfer calls for one model to one peer are coalesced: while
 the next requests wait for one of them to come back and then go together in
 one ``mmesh.ModelMeshPeer/ForwardInferBatch`` call (``api.peer`` serves it),
 each with its own metadata and deadline and answered with its own status. A
-lone request goes at once, so nothing waits that would not have waited anyway;
+request goes at once while fewer are on their way (a lone one never waits);
 under load each side pays one gRPC call for several requests. Only requests
 for the same model share a call, so a slow model never delays another's
 answers. A peer that does not know the method (an older version) gets single
@@ -69,8 +69,12 @@ MAX_COALESCED_BYTES = 64 * 1024
 class _Queued:
     request: bytes
     metadata: Metadata
-    timeout: float | None
+    deadline: float | None  # loop time
     answer: asyncio.Future[bytes]
+
+    def timeout(self, now: float) -> float | None:
+        """Seconds left of the caller's deadline (a little over 0 once it has passed)."""
+        return None if self.deadline is None else max(self.deadline - now, 0.001)
 
 
 @dataclass(slots=True)
@@ -191,8 +195,10 @@ class PeerPool:
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane()
-        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        lane.waiting.append(_Queued(request, metadata, timeout, answer))
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[bytes] = loop.create_future()
+        deadline = None if timeout is None else loop.time() + timeout
+        lane.waiting.append(_Queued(request, metadata, deadline, answer))
         if lane.in_flight < MAX_BATCHES_IN_FLIGHT:
             self._send(key, lane)
         # A request cancelled here (its client gave up) cancels its future only: the
@@ -226,12 +232,7 @@ class PeerPool:
         endpoint = key[0]
         try:
             if len(batch) == 1:  # alone: a plain call costs the peer less than a batch
-                item = batch[0]
-                try:
-                    _settle(item.answer, await self._single(
-                        endpoint, INFER, item.request, item.metadata, item.timeout))
-                except PeerError as exc:
-                    _settle(item.answer, exc)
+                await self._resend(endpoint, batch[0])
                 return
             await self._batch_call(endpoint, batch)
         except Exception as exc:  # a bug of ours: the callers get an error, not a hang
@@ -251,13 +252,14 @@ class PeerPool:
         if self.metrics is not None:
             self.metrics.forward_batches.inc()
             self.metrics.forwarded_in_batches.inc(len(batch))
-        timeouts = [item.timeout for item in batch]
+        now = asyncio.get_running_loop().time()
+        timeouts = [item.timeout(now) for item in batch]
         outer = None if None in timeouts else max(t for t in timeouts if t is not None) + 1.0
         payload = peer_pb.ForwardInferBatchRequest(calls=[
             peer_pb.ForwardedCall(request=item.request,
                                   metadata=_metadata_entries(item.metadata),
-                                  timeout_seconds=item.timeout or 0.0)
-            for item in batch
+                                  timeout_seconds=timeout or 0.0)
+            for item, timeout in zip(batch, timeouts, strict=True)
         ]).SerializeToString()
         try:
             raw = await self._single(endpoint, BATCH_METHOD, payload, (), outer)
@@ -299,9 +301,11 @@ class PeerPool:
                     reached=any(k == INSTANCE for k, _ in trailing)))
 
     async def _resend(self, endpoint: str, item: _Queued) -> None:
+        """``item`` in a call of its own."""
+        timeout = item.timeout(asyncio.get_running_loop().time())
         try:
             _settle(item.answer, await self._single(endpoint, INFER, item.request,
-                                                    item.metadata, item.timeout))
+                                                    item.metadata, timeout))
         except PeerError as exc:
             _settle(item.answer, exc)
 
