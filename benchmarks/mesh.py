@@ -49,7 +49,8 @@ def start_instance(tmp: Path, etcd: EmbeddedEtcd, name: str) -> tuple[subprocess
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "modelmesh", "serve", "--port", str(port), "--host", "127.0.0.1",
-         "--metrics-port", "-1", "--etcd", etcd.endpoint, "--mesh-name", "bench",
+         "--metrics-port", "-1", "--http-port", "-1", "--etcd", etcd.endpoint,
+         "--mesh-name", "bench",
          "--instance-id", name, "--data-dir", str(tmp / f"data-{name}"),
          "--models-root", str(tmp / "models"), "--capacity", "1GiB", "--lease-ttl", "3",
          "--log-level", "WARNING"], cwd=REPO)

@@ -121,7 +121,8 @@ def main() -> int:
         for name, port in ports.items():
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "modelmesh", "serve", "--port", str(port),
-                 "--host", "127.0.0.1", "--metrics-port", "-1", "--etcd", etcd.endpoint,
+                 "--host", "127.0.0.1", "--metrics-port", "-1", "--http-port", "-1",
+                 "--etcd", etcd.endpoint,
                  "--mesh-name", name, "--data-dir", str(tmp / f"data-{name}"),
                  "--models-root", str(models), "--capacity", "1GiB", "--log-level", "WARNING",
                  *runtime_flag[name]], cwd=REPO, **quiet))

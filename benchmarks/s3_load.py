@@ -64,7 +64,8 @@ def start_mesh(workdir: Path, capacity: int, storage_config: Path) -> tuple:
     log = open(workdir / "mesh.log", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(
         [sys.executable, "-m", "modelmesh", "serve", "--port", str(port), "--host", "127.0.0.1",
-         "--metrics-port", str(metrics_port), "--data-dir", str(workdir / "data"),
+         "--metrics-port", str(metrics_port), "--http-port", "-1",
+         "--data-dir", str(workdir / "data"),
          "--models-root", str(workdir / "models"), "--capacity", str(capacity),
          "--storage-config", str(storage_config), "--load-timeout", "600s",
          "--mesh-name", "s3bench"],

@@ -149,7 +149,8 @@ def main() -> int:
         mesh_port, bare_port = free_port(), free_port()
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "modelmesh", "serve", "--port", str(mesh_port),
-             "--host", "127.0.0.1", "--metrics-port", "-1", "--etcd", etcd.endpoint,
+             "--host", "127.0.0.1", "--metrics-port", "-1", "--http-port", "-1",
+             "--etcd", etcd.endpoint,
              "--data-dir", str(tmp / "data"), "--models-root", str(tmp / "models"),
              "--capacity", "1GiB", "--log-level", "WARNING"], cwd=REPO))
         procs.append(subprocess.Popen(
