@@ -24,6 +24,7 @@ from modelmesh._proto.mmesh import mesh_peer_pb2 as peer_pb
 from modelmesh.api.inference import InferenceServicer
 from modelmesh.api.status import answer_error, grpc_code, status_of, trailing_metadata
 from modelmesh.errors import Code, InvalidArgument, MeshError
+from modelmesh.routing.peers import metadata_entries
 
 SERVICE = peer_pb.DESCRIPTOR.services_by_name["ModelMeshPeer"].full_name
 METHOD = f"/{SERVICE}/ForwardInferBatch"
@@ -34,9 +35,6 @@ MAX_CALLS = 256
 #: The admission check of one forwarded call (raises Unauthenticated / PermissionDenied).
 Admit = Callable[["ForwardedContext"], None]
 
-_STATUS_BY_VALUE = {s.value[0]: s for s in grpc.StatusCode}
-
-
 def metadata_pairs(entries: Sequence[peer_pb.PeerMetadata]) -> list[tuple[str, str | bytes]]:
     """Metadata entries as gRPC gives a servicer its call's: text, or bytes for ``-bin``."""
     out: list[tuple[str, str | bytes]] = []
@@ -45,16 +43,6 @@ def metadata_pairs(entries: Sequence[peer_pb.PeerMetadata]) -> list[tuple[str, s
         out.append((key, e.value if key.endswith("-bin")
                     else e.value.decode("utf-8", errors="replace")))
     return out
-
-
-def metadata_entries(pairs: Sequence[tuple[str, str | bytes]]) -> list[peer_pb.PeerMetadata]:
-    return [peer_pb.PeerMetadata(key=k, value=v.encode() if isinstance(v, str) else v)
-            for k, v in pairs]
-
-
-def status_code(value: int) -> grpc.StatusCode:
-    """A status code's number as gRPC's enum (UNKNOWN for a number gRPC does not define)."""
-    return _STATUS_BY_VALUE.get(value, grpc.StatusCode.UNKNOWN)
 
 
 class ForwardedContext:

@@ -85,7 +85,8 @@ class _Lane:
     in_flight: int = 0
 
 
-def _metadata_entries(pairs: Metadata) -> list[peer_pb.PeerMetadata]:
+def metadata_entries(pairs: Metadata) -> list[peer_pb.PeerMetadata]:
+    """Call metadata as ``PeerMetadata`` entries (text values in UTF-8)."""
     return [peer_pb.PeerMetadata(key=k, value=v.encode() if isinstance(v, str) else v)
             for k, v in pairs]
 
@@ -257,7 +258,7 @@ class PeerPool:
         outer = None if None in timeouts else max(t for t in timeouts if t is not None) + 1.0
         payload = peer_pb.ForwardInferBatchRequest(calls=[
             peer_pb.ForwardedCall(request=item.request,
-                                  metadata=_metadata_entries(item.metadata),
+                                  metadata=metadata_entries(item.metadata),
                                   timeout_seconds=timeout or 0.0)
             for item, timeout in zip(batch, timeouts, strict=True)
         ]).SerializeToString()
