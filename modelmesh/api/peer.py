@@ -24,25 +24,13 @@ from modelmesh._proto.mmesh import mesh_peer_pb2 as peer_pb
 from modelmesh.api.inference import InferenceServicer
 from modelmesh.api.status import answer_error, grpc_code, status_of, trailing_metadata
 from modelmesh.errors import Code, InvalidArgument, MeshError
-from modelmesh.routing.peers import metadata_entries
-
-SERVICE = peer_pb.DESCRIPTOR.services_by_name["ModelMeshPeer"].full_name
-METHOD = f"/{SERVICE}/ForwardInferBatch"
+from modelmesh.routing.peers import PEER_SERVICE, metadata_entries, metadata_pairs
 
 #: The most calls one batch may carry (a forwarder sends far fewer).
 MAX_CALLS = 256
 
 #: The admission check of one forwarded call (raises Unauthenticated / PermissionDenied).
 Admit = Callable[["ForwardedContext"], None]
-
-def metadata_pairs(entries: Sequence[peer_pb.PeerMetadata]) -> list[tuple[str, str | bytes]]:
-    """Metadata entries as gRPC gives a servicer its call's: text, or bytes for ``-bin``."""
-    out: list[tuple[str, str | bytes]] = []
-    for e in entries:
-        key = e.key.lower()
-        out.append((key, e.value if key.endswith("-bin")
-                    else e.value.decode("utf-8", errors="replace")))
-    return out
 
 
 class ForwardedContext:
@@ -87,7 +75,7 @@ class PeerServicer:
         self.admit = admit
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(SERVICE, {
+        return grpc.method_handlers_generic_handler(PEER_SERVICE, {
             "ForwardInferBatch": grpc.unary_unary_rpc_method_handler(self.forward_infer_batch),
         })
 

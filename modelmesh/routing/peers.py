@@ -45,7 +45,7 @@ class PeerError(Exception):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
-        self.trailing = dict((k, v if isinstance(v, str) else v.decode())
+        self.trailing = dict((k, v if isinstance(v, str) else v.decode(errors="replace"))
                              for k, v in trailing or ())
         #: False when the peer's mesh code never answered (connection refused, reset):
         #: the peer is down or unreachable, so another instance should be tried.
@@ -55,8 +55,9 @@ class PeerError(Exception):
 #: How long a channel to a peer that left is kept for the calls still on it (seconds).
 CLOSE_GRACE_S = 30.0
 
-#: ``mmesh.ModelMeshPeer/ForwardInferBatch`` (``api.peer``).
-BATCH_METHOD = "/mmesh.ModelMeshPeer/ForwardInferBatch"
+#: The peers' service (``api.peer`` serves it) and its one method.
+PEER_SERVICE = peer_pb.DESCRIPTOR.services_by_name["ModelMeshPeer"].full_name
+BATCH_METHOD = f"/{PEER_SERVICE}/ForwardInferBatch"
 #: Calls to one peer for one model on their way before further requests wait to be batched.
 MAX_BATCHES_IN_FLIGHT = 2
 #: The most requests one batch carries (the peer accepts up to 256).
@@ -91,15 +92,18 @@ def metadata_entries(pairs: Metadata) -> list[peer_pb.PeerMetadata]:
             for k, v in pairs]
 
 
-def _pairs(entries: Sequence[peer_pb.PeerMetadata]) -> list[tuple[str, str]]:
-    return [(e.key, e.value.decode("utf-8", errors="replace")) for e in entries]
+def metadata_pairs(entries: Sequence[peer_pb.PeerMetadata]) -> list[tuple[str, str | bytes]]:
+    """``PeerMetadata`` entries as gRPC gives metadata: text, or bytes for ``-bin`` keys."""
+    out: list[tuple[str, str | bytes]] = []
+    for e in entries:
+        key = e.key.lower()
+        out.append((key, e.value if key.endswith("-bin")
+                    else e.value.decode("utf-8", errors="replace")))
+    return out
 
 
-def _status_name(value: int) -> str:
-    for status in grpc.StatusCode:
-        if status.value[0] == value:
-            return status.name
-    return "UNKNOWN"
+#: A status code's number (as a batch answer carries it) as the domain's code.
+_CODE_BY_NUMBER = {s.value[0]: Code[s.name] for s in grpc.StatusCode}
 
 
 @dataclass(frozen=True)
@@ -296,9 +300,9 @@ class PeerPool:
             if answer.code == 0:
                 _settle(item.answer, answer.response)
             else:
-                trailing = _pairs(answer.trailing)
+                trailing = metadata_pairs(answer.trailing)
                 _settle(item.answer, PeerError(
-                    Code[_status_name(answer.code)], answer.details, trailing,
+                    _CODE_BY_NUMBER.get(answer.code, Code.UNKNOWN), answer.details, trailing,
                     reached=any(k == INSTANCE for k, _ in trailing)))
 
     async def _resend(self, endpoint: str, item: _Queued) -> None:
